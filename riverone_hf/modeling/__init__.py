@@ -1,0 +1,5 @@
+"""nn.Modules the compression stages put into a model."""
+
+from .aqlm_linear import AqlmLinear
+
+__all__ = ["AqlmLinear"]

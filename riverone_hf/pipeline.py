@@ -1,0 +1,51 @@
+"""Library entry points behind the CLI: load with the right Auto class, compress, save atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+from .config import RiverOneConfig
+from .fileio import atomic_output_dir, check_output_dir
+
+logger = logging.getLogger(__name__)
+
+# Tokenizer / processor / generation files copied next to a compressed checkpoint.
+_SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def auto_model_class(path: str):
+    """AutoModelForImageTextToText for vision-language configs, AutoModelForCausalLM otherwise."""
+    config = AutoConfig.from_pretrained(path)
+    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+
+
+def quantize_checkpoint(src: str, out: str, config: RiverOneConfig, dtype: torch.dtype = torch.float32,
+                        overwrite: bool = False):
+    """Load the dense checkpoint `src` with `config`, then write the compressed model to `out` atomically."""
+    check_output_dir(out, overwrite)
+    model_cls = auto_model_class(src)
+    logger.info("loading %s with %s and quantization_config=%s", src, model_cls.__name__, config.to_dict())
+    model = model_cls.from_pretrained(src, quantization_config=config, dtype=dtype)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        for name in _SIDE_FILES:
+            if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(tmp, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+    return model

@@ -1,0 +1,265 @@
+"""AQLM engine: quantize one weight matrix into additive codes, codebooks and per-output-group scales.
+
+Objective: the output error trace((W - Ŵ) xtx (W - Ŵ)ᵀ) with xtx = XᵀX / n from calibration inputs,
+or the weight error ||W - Ŵ||² when xtx is None (data-free). The algorithm:
+
+1. scales: one per output group, the norm of its rows; the scaled weight groups are
+   initialised by residual k-means (`kmeans.residual_kmeans_init`);
+2. up to `max_epochs` rounds of: `steps_per_epoch` Adam steps on codebooks and scales with the
+   codes fixed, then a beam search over the codes with codebooks and scales fixed
+   (`beam_search.beam_search_codes`);
+3. stop once a round improves the objective by less than `relative_tolerance` (relative).
+
+The result is in the `aqlm` layout (`layout.QuantizedWeight`): float32 codebooks and scales, signed codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from .beam_search import DEFAULT_CHUNK_BYTES as BEAM_CHUNK_BYTES
+from .beam_search import beam_search_codes
+from .kmeans import DEFAULT_CHUNK_BYTES as KMEANS_CHUNK_BYTES
+from .kmeans import residual_kmeans_init
+from .layout import QuantizedWeight, dequantize, pack_codes
+
+if TYPE_CHECKING:
+    from ...config import AqlmSpec
+
+logger = logging.getLogger(__name__)
+
+ADAM_BETAS = (0.0, 0.95)  # no first-moment averaging: the codes change under the codebooks every round
+ADAM_AMSGRAD = True
+
+
+def _output_error_terms(delta: torch.Tensor, xtx: torch.Tensor | None) -> torch.Tensor:
+    """trace(Δ xtx Δᵀ) (or ||Δ||² without xtx), computed in float64."""
+    delta = delta.detach().double()
+    if xtx is None:
+        return delta.square().sum()
+    return (delta @ xtx.double()).mul_(delta).sum()
+
+
+@torch.no_grad()
+def relative_output_error(
+    weight: torch.Tensor, dequantized: torch.Tensor, xtx: torch.Tensor | None = None
+) -> float:
+    """trace((W - Ŵ) xtx (W - Ŵ)ᵀ) / trace(W xtx Wᵀ) in float64; with xtx None, ||W - Ŵ||² / ||W||².
+
+    Args:
+        weight: [out_features, in_features] reference weight W.
+        dequantized: [out_features, in_features] reconstruction Ŵ.
+        xtx: [in_features, in_features] XᵀX / n, or None.
+    """
+    if weight.shape != dequantized.shape:
+        raise ValueError(f"`weight` {tuple(weight.shape)} and `dequantized` {tuple(dequantized.shape)} differ in shape")
+    weight = weight.detach().double()
+    numerator = _output_error_terms(weight - dequantized.detach().double(), xtx)
+    denominator = _output_error_terms(weight, xtx)
+    return float(numerator / denominator) if denominator > 0 else float(numerator)
+
+
+def _validate(weight: torch.Tensor, xtx: torch.Tensor | None, spec: AqlmSpec, seed: int) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"`weight` must be a 2-D tensor [out_features, in_features], got {shape}")
+    if not weight.is_floating_point():
+        raise ValueError(f"`weight` must be a floating-point tensor, got dtype {weight.dtype}")
+    out_features, in_features = weight.shape
+    if out_features == 0 or in_features == 0:
+        raise ValueError(f"`weight` is empty, shape {tuple(weight.shape)}")
+    if out_features % spec.out_group_size or in_features % spec.in_group_size:
+        raise ValueError(
+            f"`weight` shape out={out_features}, in={in_features} is not divisible by "
+            f"out_group_size={spec.out_group_size} / in_group_size={spec.in_group_size}"
+        )
+    if not torch.isfinite(weight).all():
+        raise ValueError("`weight` holds NaN or infinite values")
+    if xtx is not None:
+        if not isinstance(xtx, torch.Tensor) or xtx.shape != (in_features, in_features):
+            shape = tuple(xtx.shape) if isinstance(xtx, torch.Tensor) else type(xtx).__name__
+            raise ValueError(f"`xtx` must be [in_features, in_features] = [{in_features}, {in_features}], got {shape}")
+        if not xtx.is_floating_point() or not torch.isfinite(xtx).all():
+            raise ValueError("`xtx` must be a finite floating-point tensor")
+        if xtx.device != weight.device:
+            raise ValueError(f"`xtx` is on {xtx.device} but `weight` is on {weight.device}")
+        scale = xtx.abs().max().clamp_min(torch.finfo(xtx.dtype).tiny)
+        if ((xtx - xtx.T).abs().max() / scale) > 1e-4:
+            raise ValueError("`xtx` must be symmetric (XᵀX / n)")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"`seed` must be an integer >= 0, got {seed!r}")
+
+
+class _Objective:
+    """The relative output error of a reconstruction, float64, with the denominator computed once."""
+
+    def __init__(self, weight: torch.Tensor, xtx64: torch.Tensor | None):
+        self.weight64 = weight.double()
+        self.xtx64 = xtx64
+        total = float(_output_error_terms(self.weight64, xtx64))
+        self.denominator = total if total > 0 else 1.0
+
+    def __call__(self, dequantized: torch.Tensor) -> float:
+        return float(_output_error_terms(self.weight64 - dequantized.double(), self.xtx64)) / self.denominator
+
+
+def _adam_steps(
+    weight: torch.Tensor,
+    xtx: torch.Tensor | None,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    denominator: float,
+) -> float | None:
+    """`steps` Adam steps on `codebooks` and `scales` (leaf tensors) for the relative output error.
+
+    Uses grad_Ŵ = 2 (Ŵ - W) xtx / denominator directly, so one [out, in] x [in, in] product per step.
+    Returns the loss before the last step (None when steps == 0); raises FloatingPointError if non-finite.
+    """
+    loss_value = None
+    for step in range(steps):
+        with torch.enable_grad():
+            delta = dequantize(codes, codebooks, scales) - weight  # [out, in], differentiable
+            with torch.no_grad():
+                plain = delta.detach()
+                grad = plain if xtx is None else plain @ xtx  # [out, in]
+                loss = (grad * plain).sum(dtype=torch.float64) / denominator
+            loss_value = float(loss)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"AQLM codebook update: the loss is {loss_value} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            delta.backward(grad.mul(2.0 / denominator))
+        optimizer.step()
+    return loss_value
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    xtx: torch.Tensor | None = None,
+    spec: AqlmSpec | None = None,
+    seed: int | None = None,
+    *,
+    max_chunk_bytes: int | None = None,
+) -> QuantizedWeight:
+    """Additive quantization (AQLM) of one weight matrix.
+
+    Args:
+        weight: [out_features, in_features] float tensor (cast to float32 for the work).
+        xtx: [in_features, in_features] XᵀX / n of the layer's calibration inputs (float64 recommended),
+            or None for the data-free weight objective.
+        spec: `AqlmSpec` (scheme, beam size, epochs, Adam steps, tolerance, lr, k-means iterations, seed);
+            defaults to `AqlmSpec()`.
+        seed: overrides `spec.seed`; the same seed gives bit-identical codes on the same machine/threads.
+        max_chunk_bytes: memory knob for the k-means and beam-search working sets (per chunk of
+            output groups); None uses the modules' defaults.
+
+    Returns:
+        `QuantizedWeight` with codes [out/og, in/ig, M] (signed int8/int16), codebooks [M, 2^B, og, ig]
+        float32 and scales [out/og, 1, 1, 1] float32, on `weight`'s device.
+
+    Raises:
+        ValueError: bad shapes, non-finite inputs, a non-symmetric xtx, or a bad seed.
+        FloatingPointError: the objective became non-finite during the codebook update.
+    """
+    if spec is None:
+        from ...config import AqlmSpec  # lazy: this module does not import transformers
+
+        spec = AqlmSpec()
+    seed = spec.seed if seed is None else seed
+    _validate(weight, xtx, spec, seed)
+
+    started = time.perf_counter()
+    out_features, in_features = weight.shape
+    num_codebooks, nbits = spec.num_codebooks, spec.nbits_per_codebook
+    out_group_size, in_group_size = spec.out_group_size, spec.in_group_size
+    codebook_size = 2**nbits
+    num_out_groups, num_in_groups = out_features // out_group_size, in_features // in_group_size
+    generator = torch.Generator().manual_seed(seed)
+    kmeans_bytes = max_chunk_bytes or KMEANS_CHUNK_BYTES
+    beam_bytes = max_chunk_bytes or BEAM_CHUNK_BYTES
+
+    with torch.no_grad():
+        weight = weight.detach().float()  # [out, in]
+        xtx64 = None if xtx is None else ((xtx.detach().double() + xtx.detach().double().T) / 2)
+        xtx32 = None if xtx64 is None else xtx64.float()
+        objective = _Objective(weight, xtx64)
+
+        groups = weight.reshape(num_out_groups, out_group_size, num_in_groups, in_group_size)
+        norms = groups.double().square().sum((1, 2, 3)).sqrt().float()  # [num_out_groups], no float32 overflow
+        scales = torch.where(norms > 0, norms, torch.ones_like(norms))  # an all-zero group keeps scale 1
+        scaled = (groups / scales[:, None, None, None]).permute(0, 2, 1, 3)
+        scaled = scaled.reshape(num_out_groups * num_in_groups, out_group_size * in_group_size)
+        codebooks, codes = residual_kmeans_init(
+            scaled,
+            num_codebooks=num_codebooks,
+            codebook_size=codebook_size,
+            generator=generator,
+            max_iters=spec.kmeans_iters,
+            max_chunk_bytes=kmeans_bytes,
+        )
+        codebooks = codebooks.reshape(num_codebooks, codebook_size, out_group_size, in_group_size).contiguous()
+        codes = codes.reshape(num_out_groups, num_in_groups, num_codebooks)  # int64 in [0, K)
+        scales = scales.reshape(num_out_groups, 1, 1, 1).clone()
+        error = objective(dequantize(codes, codebooks, scales))
+    if not torch.isfinite(torch.tensor(error)):
+        raise FloatingPointError(f"AQLM k-means initialisation gave a non-finite objective ({error})")
+    logger.info(
+        "AQLM %dx%d g%dx%d on %dx%d: k-means init rel. error %.5f (%.1f s)",
+        num_codebooks, nbits, out_group_size, in_group_size, out_features, in_features,
+        error, time.perf_counter() - started,
+    )
+
+    best = (error, codes, codebooks.clone(), scales.clone())
+    codebooks.requires_grad_(True)
+    scales.requires_grad_(True)
+    optimizer = torch.optim.Adam([codebooks, scales], lr=spec.codebook_lr, betas=ADAM_BETAS, amsgrad=ADAM_AMSGRAD)
+    epochs_run = 0
+    progress = tqdm(range(spec.max_epochs), desc="AQLM rounds", leave=False)
+    for epoch in progress:
+        round_started = time.perf_counter()
+        _adam_steps(weight, xtx32, codes, codebooks, scales, optimizer, spec.steps_per_epoch, objective.denominator)
+        adam_seconds = time.perf_counter() - round_started
+        with torch.no_grad():
+            codes = beam_search_codes(
+                weight,
+                codes,
+                codebooks,
+                scales,
+                xtx32,
+                beam_size=spec.beam_size,
+                generator=generator,
+                max_chunk_bytes=beam_bytes,
+            )
+            new_error = objective(dequantize(codes, codebooks, scales))
+        if not torch.isfinite(torch.tensor(new_error)):
+            raise FloatingPointError(f"AQLM round {epoch + 1}: the objective is {new_error}")
+        epochs_run = epoch + 1
+        logger.info(
+            "AQLM round %d: rel. error %.5f (adam %.1f s, beam search %.1f s)",
+            epochs_run, new_error, adam_seconds, time.perf_counter() - round_started - adam_seconds,
+        )
+        progress.set_postfix(error=f"{new_error:.5f}")
+        gain = (error - new_error) / error if error > 0 else 0.0
+        if new_error < best[0]:
+            best = (new_error, codes, codebooks.detach().clone(), scales.detach().clone())
+        error = new_error
+        if gain < spec.relative_tolerance:
+            break
+    progress.close()
+
+    final_error, codes, codebooks, scales = best
+    logger.info(
+        "AQLM done: rel. error %.5f after %d round(s), %.1f s", final_error, epochs_run, time.perf_counter() - started
+    )
+    return QuantizedWeight(
+        codes=pack_codes(codes, nbits),
+        codebooks=codebooks.detach().float().contiguous(),
+        scales=scales.detach().float().contiguous(),
+    )

@@ -1,0 +1,156 @@
+"""The AQLM stage: which Linears it converts, the skeleton for pre-quantized loads, on-the-fly
+quantization of loaded dense weights (data-free or calibrated), and dequantization back to Linears."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from ..config import SCHEME_FIELDS, AqlmSpec
+from ..modeling.aqlm_linear import AqlmLinear
+from .aq import quantize_weight
+
+logger = logging.getLogger(__name__)
+
+STAGE = "aqlm"
+
+
+def _decoder_prefix(model: nn.Module) -> str:
+    """Full name of the language model's decoder (the default scope of the stage)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for name, module in model.named_modules():
+        if decoder is not None and module is decoder:
+            return name
+    raise ValueError(
+        f"{type(model).__name__} exposes no language-model decoder (`get_decoder()`); "
+        "set `aqlm.target_modules` to the regexes of the Linears to quantize"
+    )
+
+
+def _tied_module_names(model: nn.Module) -> set[str]:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {key.removesuffix(".weight") for pair in tied.items() for key in pair}
+
+
+def plan_aqlm(model: nn.Module, spec: AqlmSpec) -> dict[str, AqlmSpec]:
+    """Map each Linear to convert to the spec that applies to it (overrides resolved).
+
+    Raises ValueError, before any weight is touched, for a target regex that matches no Linear,
+    a tied Linear, or a shape the scheme's group sizes do not divide.
+    """
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if spec.target_modules is None:
+        prefix = _decoder_prefix(model) + "."
+        in_scope = [name for name in linears if name.startswith(prefix)]
+    else:
+        for pattern in spec.target_modules:
+            if not any(re.fullmatch(pattern, name) for name in linears):
+                raise ValueError(
+                    f"`aqlm.target_modules` pattern {pattern!r} matches no Linear (re.fullmatch on full "
+                    f"module names); examples of names: {list(linears)[:5]}"
+                )
+        in_scope = [name for name in linears if any(re.fullmatch(p, name) for p in spec.target_modules)]
+    tied = _tied_module_names(model)
+    plan = {}
+    for name in in_scope:
+        if not should_convert_module(name, spec.modules_to_not_convert):
+            continue
+        module_spec = spec.for_module(name)
+        if module_spec is None:
+            continue
+        if name in tied:
+            raise ValueError(
+                f"`{name}` shares its weight with another module (tied weights); quantizing it is not supported. "
+                "Leave it out of `aqlm.target_modules` or add it to `aqlm.modules_to_not_convert`"
+            )
+        linear = linears[name]
+        if linear.in_features % module_spec.in_group_size or linear.out_features % module_spec.out_group_size:
+            raise ValueError(
+                f"`{name}` has shape out={linear.out_features}, in={linear.in_features}, not divisible by "
+                f"out_group_size={module_spec.out_group_size} / in_group_size={module_spec.in_group_size}; "
+                "change the scheme for it with an `aqlm.overrides` entry, or skip it (`skip: true`)"
+            )
+        plan[name] = module_spec
+    if not plan:
+        raise ValueError("the AQLM stage selected no Linear; check `aqlm.target_modules` and `modules_to_not_convert`")
+    return plan
+
+
+def map_entry(spec: AqlmSpec) -> dict:
+    """The `quantization_map` entry recorded for one converted module."""
+    return {"stage": STAGE, **spec.scheme_dict()}
+
+
+def build_skeleton(model: nn.Module, quantization_map: dict[str, dict]) -> int:
+    """Replace the recorded Linears by empty `AqlmLinear`s (before a pre-quantized checkpoint loads)."""
+    converted = 0
+    for name, entry in quantization_map.items():
+        if entry.get("stage") != STAGE:
+            continue
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"quantization_map names `{name}`, which is a {type(linear).__name__}, not a Linear")
+        replacement = AqlmLinear(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            **{k: entry[k] for k in SCHEME_FIELDS},
+        )
+        model.set_submodule(name, replacement)
+        converted += 1
+    return converted
+
+
+def quantize_linear(linear: nn.Linear, spec: AqlmSpec, xtx: torch.Tensor | None = None) -> AqlmLinear:
+    """Quantize one loaded Linear (on its own device) into an `AqlmLinear` of the same dtype."""
+    weight = linear.weight.detach()
+    quantized = quantize_weight(weight.float(), xtx=xtx, spec=spec)
+    bias = None if linear.bias is None else linear.bias.detach()
+    return AqlmLinear.from_quantized(quantized, bias=bias, dtype=weight.dtype).to(weight.device)
+
+
+def quantize_data_free(model: nn.Module, plan: dict[str, AqlmSpec]) -> dict[str, dict]:
+    """Quantize every planned Linear with the weight-only objective; returns the quantization_map."""
+    quantization_map = {}
+    for name, spec in tqdm(plan.items(), desc="AQLM (data-free)", unit="layer"):
+        logger.info("quantizing %s (data-free, %dx%d)", name, spec.num_codebooks, spec.nbits_per_codebook)
+        model.set_submodule(name, quantize_linear(model.get_submodule(name), spec))
+        quantization_map[name] = map_entry(spec)
+    return quantization_map
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Replace every `AqlmLinear` by an `nn.Linear` holding its dequantized weight."""
+    names = [name for name, m in model.named_modules() if isinstance(m, AqlmLinear)]
+    for name in names:
+        module = model.get_submodule(name)
+        with torch.no_grad():
+            weight = module.dequantize()
+            target_dtype = dtype or module.codebooks.dtype
+            linear = nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None,
+                device=weight.device, dtype=target_dtype,
+            )
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        model.set_submodule(name, linear)
+    return len(names)
+
+
+def quantize_calibrated(model: nn.Module, plan: dict[str, AqlmSpec], windows: torch.Tensor) -> dict[str, dict]:
+    """Quantize every planned Linear with XᵀX from calibration windows, block by block."""
+    from .sequential import quantize_sequentially
+
+    def quantize(name: str, xtx: torch.Tensor | None) -> None:
+        model.set_submodule(name, quantize_linear(model.get_submodule(name), plan[name], xtx))
+
+    quantize_sequentially(model, list(plan), windows, quantize)
+    return {name: map_entry(spec) for name, spec in plan.items()}

@@ -1,0 +1,46 @@
+"""Reading the calibration text a `CalibrationSpec` names, and checking it exists before work starts."""
+
+from __future__ import annotations
+
+import os
+
+from ..config import CalibrationSpec
+
+
+def check_calibration_source(spec: CalibrationSpec) -> None:
+    """Raise ValueError/ImportError now if the configured source cannot be read later."""
+    if spec.text_files is not None:
+        missing = [path for path in spec.text_files if not os.path.isfile(path)]
+        if missing:
+            raise ValueError(f"`calibration.text_files` names files that do not exist: {missing}")
+    else:
+        if not os.path.isdir(spec.dataset_path):
+            raise ValueError(f"`calibration.dataset_path` is not a directory: {spec.dataset_path!r}")
+        try:
+            import datasets  # noqa: F401
+        except ImportError as err:
+            raise ImportError("`calibration.dataset_path` needs the datasets package: pip install datasets") from err
+
+
+def load_calibration_texts(spec: CalibrationSpec) -> list[str]:
+    """The calibration documents: one string per text file, or the `text_column` of the dataset."""
+    check_calibration_source(spec)
+    if spec.text_files is not None:
+        texts = []
+        for path in spec.text_files:
+            with open(path, encoding="utf-8") as handle:
+                texts.append(handle.read())
+        return texts
+    import datasets
+
+    data = datasets.load_from_disk(spec.dataset_path)
+    if isinstance(data, datasets.DatasetDict):
+        if spec.split not in data:
+            raise ValueError(f"`calibration.split` {spec.split!r} is not in {spec.dataset_path}; splits: {list(data)}")
+        data = data[spec.split]
+    if spec.text_column not in data.column_names:
+        raise ValueError(
+            f"`calibration.text_column` {spec.text_column!r} is not a column of {spec.dataset_path}; "
+            f"columns: {data.column_names}"
+        )
+    return [text for text in data[spec.text_column] if text]

@@ -1,0 +1,239 @@
+"""The AQ engine (`quantize_weight`) and its beam search, on small problems (CPU, a few seconds each)."""
+
+import pytest
+import torch
+
+from riverone_hf.config import AqlmSpec
+from riverone_hf.quantizers.aq import QuantizedWeight, quantize_weight, relative_output_error
+from riverone_hf.quantizers.aq.beam_search import beam_search_codes
+from riverone_hf.quantizers.aq.kmeans import nearest_centroids
+from riverone_hf.quantizers.aq.layout import unpack_codes
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: one thread avoids OpenMP start-up and oversubscription costs on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FAST = dict(max_epochs=3, steps_per_epoch=30, kmeans_iters=20, beam_size=4, codebook_lr=1e-3)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """64x128 weight with a few heavy input columns, and a correlated, badly scaled xtx."""
+    g = _gen(0)
+    weight = 0.02 * torch.randn(64, 128, generator=g)
+    weight[:, :4] *= 5
+    mixing = torch.randn(128, 16, generator=g)
+    x = torch.randn(1024, 16, generator=g) @ mixing.T + 0.3 * torch.randn(1024, 128, generator=g)
+    x = x * torch.exp(0.5 * torch.randn(128, generator=g))
+    xtx = x.double().T @ x.double() / x.shape[0]
+    return weight, xtx
+
+
+@pytest.fixture(scope="module")
+def calibrated_2x8(problem):
+    weight, xtx = problem
+    return quantize_weight(weight, xtx, AqlmSpec(**FAST), seed=0)
+
+
+def _matmul_reconstruction(q: QuantizedWeight) -> torch.Tensor:
+    """Ŵ from one-hot codes times codebooks, independent of `layout.dequantize`."""
+    num_codebooks, codebook_size, out_group_size, in_group_size = q.codebooks.shape
+    codes = unpack_codes(q.codes, q.nbits_per_codebook)  # [O, I, M]
+    one_hot = torch.nn.functional.one_hot(codes, codebook_size).float()  # [O, I, M, K]
+    groups = torch.einsum("oimk,mkab->oiab", one_hot, q.codebooks) * q.scales  # [O, I, og, ig]
+    num_out_groups, num_in_groups = codes.shape[:2]
+    return groups.permute(0, 2, 1, 3).reshape(num_out_groups * out_group_size, num_in_groups * in_group_size)
+
+
+def _rtn_2bit(weight: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """Asymmetric min-max round-to-nearest, 2 bits, one scale and zero per `group` weights of a row."""
+    w = weight.reshape(-1, group)
+    low, high = w.min(-1, keepdim=True).values, w.max(-1, keepdim=True).values
+    step = (high - low).clamp_min(1e-12) / 3
+    return (((w - low) / step).round().clamp(0, 3) * step + low).reshape_as(weight)
+
+
+def test_result_layout_and_dequantize_matches_matmul(calibrated_2x8, problem):
+    weight, _ = problem
+    q = calibrated_2x8
+    assert isinstance(q, QuantizedWeight)
+    assert q.codes.shape == (64, 16, 2) and q.codes.dtype == torch.int8
+    assert q.codebooks.shape == (2, 256, 1, 8) and q.codebooks.dtype == torch.float32
+    assert q.scales.shape == (64, 1, 1, 1) and q.scales.dtype == torch.float32
+    assert q.shape == tuple(weight.shape)
+    torch.testing.assert_close(q.dequantize(), _matmul_reconstruction(q), rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_bit_identical_other_seed_different(problem, calibrated_2x8):
+    weight, xtx = problem
+    again = quantize_weight(weight, xtx, AqlmSpec(**FAST), seed=0)
+    assert torch.equal(again.codes, calibrated_2x8.codes)
+    assert torch.equal(again.codebooks, calibrated_2x8.codebooks)
+    assert torch.equal(again.scales, calibrated_2x8.scales)
+    other = quantize_weight(weight, xtx, AqlmSpec(**FAST), seed=1)
+    assert not torch.equal(other.codes, calibrated_2x8.codes)
+    # seed=None means spec.seed
+    from_spec = quantize_weight(weight, xtx, AqlmSpec(**FAST, seed=1))
+    assert torch.equal(from_spec.codes, other.codes)
+
+
+def test_beats_round_to_nearest_and_improves_on_kmeans_init(problem):
+    weight, _ = problem
+    init_only = quantize_weight(weight, None, AqlmSpec(**{**FAST, "max_epochs": 0}), seed=0)
+    final = quantize_weight(weight, None, AqlmSpec(**FAST), seed=0)
+    rtn_error = relative_output_error(weight, _rtn_2bit(weight))
+    init_error = relative_output_error(weight, init_only.dequantize())
+    final_error = relative_output_error(weight, final.dequantize())
+    assert final_error < init_error
+    assert final_error < 0.5 * rtn_error  # 2 code bits per weight vs 2-bit RTN (+ its scale/zero per 128)
+
+
+def test_calibrated_beats_data_free_on_output_error(problem, calibrated_2x8):
+    weight, xtx = problem
+    data_free = quantize_weight(weight, None, AqlmSpec(**FAST), seed=0)
+    calibrated_error = relative_output_error(weight, calibrated_2x8.dequantize(), xtx)
+    data_free_error = relative_output_error(weight, data_free.dequantize(), xtx)
+    assert calibrated_error < 0.8 * data_free_error
+    # and the data-free result is the better one by the weight error it optimises
+    assert relative_output_error(weight, data_free.dequantize()) < relative_output_error(
+        weight, calibrated_2x8.dequantize()
+    )
+
+
+def test_calibrated_rounds_improve_on_kmeans_init(problem, calibrated_2x8):
+    weight, xtx = problem
+    init_only = quantize_weight(weight, xtx, AqlmSpec(**{**FAST, "max_epochs": 0}), seed=0)
+    init_error = relative_output_error(weight, init_only.dequantize(), xtx)
+    assert relative_output_error(weight, calibrated_2x8.dequantize(), xtx) < 0.7 * init_error
+
+
+def test_1x16_small_case():
+    weight = torch.randn(16, 32, generator=_gen(3))
+    spec = AqlmSpec(num_codebooks=1, nbits_per_codebook=16, in_group_size=8, max_epochs=1, steps_per_epoch=5,
+                    kmeans_iters=2, beam_size=2)
+    q = quantize_weight(weight, None, spec)
+    assert q.codes.dtype == torch.int16 and q.codes.shape == (16, 4, 1)
+    assert q.codebooks.shape == (1, 65536, 1, 8)
+    codes = unpack_codes(q.codes, 16)
+    assert int(codes.min()) >= 0 and int(codes.max()) < 65536
+    # 64 groups and 65536 codewords: k-means places a codeword on every group, so the error is tiny
+    assert relative_output_error(weight, q.dequantize()) < 1e-3
+    torch.testing.assert_close(q.dequantize(), _matmul_reconstruction(q), rtol=1e-5, atol=1e-6)
+
+
+def test_out_group_size_2_with_xtx(problem):
+    weight, xtx = problem
+    spec = AqlmSpec(num_codebooks=2, nbits_per_codebook=6, in_group_size=4, out_group_size=2, **FAST)
+    q = quantize_weight(weight, xtx, spec)
+    assert q.codes.shape == (32, 32, 2) and q.codebooks.shape == (2, 64, 2, 4) and q.scales.shape == (32, 1, 1, 1)
+    init_only = quantize_weight(weight, xtx, AqlmSpec(**{**spec.scheme_dict(), **FAST, "max_epochs": 0}))
+    assert relative_output_error(weight, q.dequantize(), xtx) < relative_output_error(
+        weight, init_only.dequantize(), xtx
+    )
+    torch.testing.assert_close(q.dequantize(), _matmul_reconstruction(q), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "weight, xtx, spec, match",
+    [
+        (torch.randn(128), None, None, "2-D"),
+        (torch.randn(2, 64, 64), None, None, "2-D"),
+        (torch.randn(64, 100), None, None, "divisible"),
+        (torch.randn(63, 64), None, AqlmSpec(out_group_size=2), "divisible"),
+        (torch.randn(64, 64), torch.eye(32), None, "xtx"),
+        (torch.randn(64, 64), torch.triu(torch.ones(64, 64)), None, "symmetric"),
+        (torch.randn(64, 64), torch.full((64, 64), float("nan")), None, "xtx"),
+        (torch.full((64, 64), float("inf")), None, None, "NaN or infinite"),
+        (torch.randint(0, 5, (64, 64)), None, None, "floating-point"),
+    ],
+    ids=["1d", "3d", "in-not-divisible", "out-not-divisible", "xtx-shape", "xtx-asymmetric", "xtx-nan", "inf",
+         "int-weight"],
+)
+def test_invalid_inputs_raise(weight, xtx, spec, match):
+    with pytest.raises(ValueError, match=match):
+        quantize_weight(weight, xtx, spec)
+
+
+def test_non_finite_loss_raises():
+    weight = 1e25 * torch.randn(16, 16, generator=_gen(0))  # finite, but its squared error overflows float32
+    with pytest.raises(FloatingPointError, match="loss"):
+        quantize_weight(weight, torch.eye(16, dtype=torch.float64), AqlmSpec(num_codebooks=1, nbits_per_codebook=2, **FAST))
+
+
+def test_relative_output_error_matches_activations():
+    g = _gen(5)
+    weight, approx, x = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(50, 16, generator=g)
+    xtx = x.double().T @ x.double() / 50
+    x, weight64, approx64 = x.double(), weight.double(), approx.double()
+    expected = (x @ (weight64 - approx64).T).square().sum() / (x @ weight64.T).square().sum()
+    assert relative_output_error(weight, approx, xtx) == pytest.approx(float(expected), rel=1e-10)
+    assert relative_output_error(weight, approx) == pytest.approx(
+        float((weight64 - approx64).square().sum() / weight64.square().sum()), rel=1e-10
+    )
+    assert relative_output_error(weight, weight, xtx) == 0.0
+
+
+# ---- beam search on its own ---------------------------------------------------------------------
+
+
+def _random_state(seed, out_features=16, in_features=32, num_codebooks=2, codebook_size=16, in_group_size=8):
+    g = _gen(seed)
+    weight = torch.randn(out_features, in_features, generator=g)
+    codebooks = 0.5 * torch.randn(num_codebooks, codebook_size, 1, in_group_size, generator=g)
+    scales = torch.rand(out_features, 1, 1, 1, generator=g) + 0.5
+    codes = torch.randint(codebook_size, (out_features, in_features // in_group_size, num_codebooks), generator=g)
+    return weight, codes, codebooks, scales
+
+
+def _per_row_error(weight, codes, codebooks, scales, xtx):
+    from riverone_hf.quantizers.aq.layout import dequantize
+
+    delta = (weight - dequantize(codes, codebooks, scales)).double()
+    return ((delta @ xtx) * delta).sum(-1) if xtx is not None else delta.square().sum(-1)
+
+
+@pytest.mark.parametrize("use_xtx", [False, True], ids=["data-free", "xtx"])
+def test_beam_search_never_worse_per_row_and_chunking_agrees(use_xtx, problem):
+    weight, codes, codebooks, scales = _random_state(0)
+    x = torch.randn(200, 32, generator=_gen(1)) @ torch.randn(32, 32, generator=_gen(2))
+    xtx = (x.T @ x / 200) if use_xtx else None
+    before = _per_row_error(weight, codes, codebooks, scales, None if xtx is None else xtx.double())
+    new = beam_search_codes(weight, codes, codebooks, scales, xtx, beam_size=4, generator=_gen(0))
+    after = _per_row_error(weight, new, codebooks, scales, None if xtx is None else xtx.double())
+    assert new.shape == codes.shape and new.dtype == torch.int64
+    assert bool((after <= before * (1 + 1e-6)).all()) and float(after.sum()) < 0.9 * float(before.sum())
+    chunked = beam_search_codes(weight, codes, codebooks, scales, xtx, beam_size=4, generator=_gen(0), max_chunk_bytes=1)
+    chunked_after = _per_row_error(weight, chunked, codebooks, scales, None if xtx is None else xtx.double())
+    torch.testing.assert_close(chunked_after, after, rtol=1e-4, atol=1e-6)
+
+
+def test_beam_search_single_codebook_finds_nearest_codeword():
+    """With one codebook and no coupling (identity xtx or data-free), the optimum is the nearest codeword."""
+    weight, codes, codebooks, scales = _random_state(3, num_codebooks=1)
+    scaled_groups = (weight / scales.view(-1, 1)).reshape(-1, 8)
+    expected = nearest_centroids(scaled_groups, codebooks[0, :, 0]).view(16, 4, 1)
+    data_free = beam_search_codes(weight, codes, codebooks, scales, None, beam_size=2, generator=_gen(0))
+    identity = beam_search_codes(weight, codes, codebooks, scales, torch.eye(32), beam_size=2, generator=_gen(0))
+    assert torch.equal(data_free, expected)
+    assert torch.equal(identity, expected)
+
+
+def test_beam_search_wider_beam_is_not_worse_on_average(problem):
+    weight, xtx = problem
+    xtx = xtx.float()
+    _, codes, codebooks, scales = _random_state(4, out_features=64, in_features=128, codebook_size=32)
+    scales = scales * weight.norm(dim=1).view(-1, 1, 1, 1) / 3
+    errors = {}
+    for beam in (1, 8):
+        new = beam_search_codes(weight, codes, codebooks, scales, xtx, beam_size=beam, generator=_gen(0))
+        errors[beam] = float(_per_row_error(weight, new, codebooks, scales, xtx.double()).sum())
+    assert errors[8] <= errors[1]

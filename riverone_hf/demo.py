@@ -67,7 +67,7 @@ def run_demo(out: str | None = None, overwrite: bool = False) -> dict:
     dense, tokenizer = load_smollm2(torch.float32)
     dense_sizes = size_report(dense)
     phase = time.perf_counter()
-    ppl_before = perplexity(dense, tokenizer, eval_text, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS)
+    ppl_before = perplexity(dense, tokenizer, eval_text, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS, batch_size=4)
     eval_seconds = time.perf_counter() - phase
 
     with tempfile.TemporaryDirectory(prefix="riverone-demo-dense-") as dense_dir:
@@ -77,7 +77,7 @@ def run_demo(out: str | None = None, overwrite: bool = False) -> dict:
         phase = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config, dtype=torch.float32)
         quantize_seconds = time.perf_counter() - phase
-    ppl_after = perplexity(model, tokenizer, eval_text, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS)
+    ppl_after = perplexity(model, tokenizer, eval_text, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS, batch_size=4)
     sizes = size_report(model)
     if out is not None:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:

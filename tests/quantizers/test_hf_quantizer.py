@@ -171,6 +171,15 @@ def test_internvl_quantizes_language_model_only(tmp_path):
     assert torch.equal(logits(again), logits(model))
 
 
+def test_internvl_calibrated_on_text(tmp_path):
+    path = save_dense(tiny_internvl(), tmp_path / "internvl")
+    text = tmp_path / "calib.txt"
+    text.write_text("Persuasion is a novel by Jane Austen, published in 1817 after her death. " * 20)
+    config = aqlm_config(calibration={"text_files": [str(text)], "num_samples": 2, "seq_len": 32})
+    model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=config)
+    assert len(converted(model)) == 14
+
+
 def test_internvl_vision_tower_when_asked(tmp_path):
     path = save_dense(tiny_internvl(), tmp_path / "internvl")
     config = aqlm_config(target_modules=[r"model\.vision_tower\..*\.mlp\.fc\d"])

@@ -1,0 +1,1 @@
+"""Text shipped with riverone_hf for its demo (see README.md here for provenance)."""

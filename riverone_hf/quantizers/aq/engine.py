@@ -46,9 +46,7 @@ def _output_error_terms(delta: torch.Tensor, xtx: torch.Tensor | None) -> torch.
 
 
 @torch.no_grad()
-def relative_output_error(
-    weight: torch.Tensor, dequantized: torch.Tensor, xtx: torch.Tensor | None = None
-) -> float:
+def relative_output_error(weight: torch.Tensor, dequantized: torch.Tensor, xtx: torch.Tensor | None = None) -> float:
     """trace((W - Ŵ) xtx (W - Ŵ)ᵀ) / trace(W xtx Wᵀ) in float64; with xtx None, ||W - Ŵ||² / ||W||².
 
     Args:
@@ -120,22 +118,48 @@ def _adam_steps(
 ) -> float | None:
     """`steps` Adam steps on `codebooks` and `scales` (leaf tensors) for the relative output error.
 
-    Uses grad_Ŵ = 2 (Ŵ - W) xtx / denominator directly, so one [out, in] x [in, in] product per step.
-    Returns the loss before the last step (None when steps == 0); raises FloatingPointError if non-finite.
+    The codes are fixed here, so the gradient is written out by hand instead of going through autograd:
+    with G = 2 (Ŵ - W) xtx / denominator (one [out, in] x [in, in] product per step),
+    dL/dscale_o = Σ_i <G_oi, Σ_m C_m[code_oim]> and dL/dC_m[k] = Σ_{(o,i): code_oim = k} scale_o G_oi.
+
+    Args:
+        weight: [out, in] float32; xtx: [in, in] float32 or None (identity);
+        codes: [O, I, M] int64; codebooks: [M, K, go, gi] and scales: [O, 1, 1, 1] float32 leaves.
+
+    Returns:
+        the loss before the last step (None when steps == 0); raises FloatingPointError if it is non-finite.
     """
+    num_out_groups, num_in_groups, num_codebooks = codes.shape
+    _, codebook_size, out_group_size, in_group_size = codebooks.shape
+    group_dim = out_group_size * in_group_size
+    out_features, in_features = weight.shape
+    offsets = torch.arange(num_codebooks, device=codes.device) * codebook_size
+    flat_index = (codes + offsets).reshape(-1)  # [O*I*M] rows of the flattened codebooks
+    per_codebook_index = (codes + offsets).reshape(-1, num_codebooks).T.contiguous()  # [M, O*I]
     loss_value = None
     for step in range(steps):
-        with torch.enable_grad():
-            delta = dequantize(codes, codebooks, scales) - weight  # [out, in], differentiable
-            with torch.no_grad():
-                plain = delta.detach()
-                grad = plain if xtx is None else plain @ xtx  # [out, in]
-                loss = (grad * plain).sum(dtype=torch.float64) / denominator
+        with torch.no_grad():
+            flat_codebooks = codebooks.detach().reshape(num_codebooks * codebook_size, group_dim)
+            unscaled = (
+                flat_codebooks.index_select(0, flat_index).view(-1, num_codebooks, group_dim).sum(1)
+            )  # [O*I, go*gi]
+            unscaled = unscaled.view(num_out_groups, num_in_groups, group_dim)
+            group_scales = scales.detach().view(num_out_groups, 1, 1)
+            w_hat = (unscaled * group_scales).view(num_out_groups, num_in_groups, out_group_size, in_group_size)
+            delta = w_hat.transpose(1, 2).reshape(out_features, in_features) - weight  # [out, in]
+            grad = delta if xtx is None else delta @ xtx  # [out, in]
+            loss = (grad * delta).sum(dtype=torch.float64) / denominator
             loss_value = float(loss)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"AQLM codebook update: the loss is {loss_value} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            delta.backward(grad.mul(2.0 / denominator))
+            grad = grad.mul(2.0 / denominator).view(num_out_groups, out_group_size, num_in_groups, in_group_size)
+            grad = grad.transpose(1, 2).reshape(num_out_groups, num_in_groups, group_dim)  # [O, I, go*gi]
+            scales.grad = (grad * unscaled).sum((1, 2)).view_as(scales)
+            grad = (grad * group_scales).view(-1, group_dim)  # [O*I, go*gi]
+            codebook_grad = torch.zeros_like(flat_codebooks)
+            for m in range(num_codebooks):
+                codebook_grad.index_add_(0, per_codebook_index[m], grad)
+            codebooks.grad = codebook_grad.view_as(codebooks)
         optimizer.step()
     return loss_value
 
@@ -212,8 +236,14 @@ def quantize_weight(
         raise FloatingPointError(f"AQLM k-means initialisation gave a non-finite objective ({error})")
     logger.info(
         "AQLM %dx%d g%dx%d on %dx%d: k-means init rel. error %.5f (%.1f s)",
-        num_codebooks, nbits, out_group_size, in_group_size, out_features, in_features,
-        error, time.perf_counter() - started,
+        num_codebooks,
+        nbits,
+        out_group_size,
+        in_group_size,
+        out_features,
+        in_features,
+        error,
+        time.perf_counter() - started,
     )
 
     best = (error, codes, codebooks.clone(), scales.clone())
@@ -243,7 +273,10 @@ def quantize_weight(
         epochs_run = epoch + 1
         logger.info(
             "AQLM round %d: rel. error %.5f (adam %.1f s, beam search %.1f s)",
-            epochs_run, new_error, adam_seconds, time.perf_counter() - round_started - adam_seconds,
+            epochs_run,
+            new_error,
+            adam_seconds,
+            time.perf_counter() - round_started - adam_seconds,
         )
         progress.set_postfix(error=f"{new_error:.5f}")
         gain = (error - new_error) / error if error > 0 else 0.0

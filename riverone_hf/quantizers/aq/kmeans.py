@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_CHUNK_BYTES = 8 * 2**20
+DEFAULT_CHUNK_BYTES = 4 * 2**20
 
 
 def _rows_per_chunk(num_rows: int, k: int, max_chunk_bytes: int) -> int:

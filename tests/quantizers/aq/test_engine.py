@@ -9,6 +9,7 @@ from riverone_hf.quantizers.aq.beam_search import beam_search_codes
 from riverone_hf.quantizers.aq.kmeans import nearest_centroids
 from riverone_hf.quantizers.aq.layout import unpack_codes
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These problems are tiny: one thread avoids OpenMP start-up and oversubscription costs on a busy machine."""
@@ -118,8 +119,15 @@ def test_calibrated_rounds_improve_on_kmeans_init(problem, calibrated_2x8):
 
 def test_1x16_small_case():
     weight = torch.randn(16, 32, generator=_gen(3))
-    spec = AqlmSpec(num_codebooks=1, nbits_per_codebook=16, in_group_size=8, max_epochs=1, steps_per_epoch=5,
-                    kmeans_iters=2, beam_size=2)
+    spec = AqlmSpec(
+        num_codebooks=1,
+        nbits_per_codebook=16,
+        in_group_size=8,
+        max_epochs=1,
+        steps_per_epoch=5,
+        kmeans_iters=2,
+        beam_size=2,
+    )
     q = quantize_weight(weight, None, spec)
     assert q.codes.dtype == torch.int16 and q.codes.shape == (16, 4, 1)
     assert q.codebooks.shape == (1, 65536, 1, 8)
@@ -155,8 +163,17 @@ def test_out_group_size_2_with_xtx(problem):
         (torch.full((64, 64), float("inf")), None, None, "NaN or infinite"),
         (torch.randint(0, 5, (64, 64)), None, None, "floating-point"),
     ],
-    ids=["1d", "3d", "in-not-divisible", "out-not-divisible", "xtx-shape", "xtx-asymmetric", "xtx-nan", "inf",
-         "int-weight"],
+    ids=[
+        "1d",
+        "3d",
+        "in-not-divisible",
+        "out-not-divisible",
+        "xtx-shape",
+        "xtx-asymmetric",
+        "xtx-nan",
+        "inf",
+        "int-weight",
+    ],
 )
 def test_invalid_inputs_raise(weight, xtx, spec, match):
     with pytest.raises(ValueError, match=match):
@@ -166,12 +183,18 @@ def test_invalid_inputs_raise(weight, xtx, spec, match):
 def test_non_finite_loss_raises():
     weight = 1e25 * torch.randn(16, 16, generator=_gen(0))  # finite, but its squared error overflows float32
     with pytest.raises(FloatingPointError, match="loss"):
-        quantize_weight(weight, torch.eye(16, dtype=torch.float64), AqlmSpec(num_codebooks=1, nbits_per_codebook=2, **FAST))
+        quantize_weight(
+            weight, torch.eye(16, dtype=torch.float64), AqlmSpec(num_codebooks=1, nbits_per_codebook=2, **FAST)
+        )
 
 
 def test_relative_output_error_matches_activations():
     g = _gen(5)
-    weight, approx, x = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(50, 16, generator=g)
+    weight, approx, x = (
+        torch.randn(8, 16, generator=g),
+        torch.randn(8, 16, generator=g),
+        torch.randn(50, 16, generator=g),
+    )
     xtx = x.double().T @ x.double() / 50
     x, weight64, approx64 = x.double(), weight.double(), approx.double()
     expected = (x @ (weight64 - approx64).T).square().sum() / (x @ weight64.T).square().sum()
@@ -211,7 +234,9 @@ def test_beam_search_never_worse_per_row_and_chunking_agrees(use_xtx, problem):
     after = _per_row_error(weight, new, codebooks, scales, None if xtx is None else xtx.double())
     assert new.shape == codes.shape and new.dtype == torch.int64
     assert bool((after <= before * (1 + 1e-6)).all()) and float(after.sum()) < 0.9 * float(before.sum())
-    chunked = beam_search_codes(weight, codes, codebooks, scales, xtx, beam_size=4, generator=_gen(0), max_chunk_bytes=1)
+    chunked = beam_search_codes(
+        weight, codes, codebooks, scales, xtx, beam_size=4, generator=_gen(0), max_chunk_bytes=1
+    )
     chunked_after = _per_row_error(weight, chunked, codebooks, scales, None if xtx is None else xtx.double())
     torch.testing.assert_close(chunked_after, after, rtol=1e-4, atol=1e-6)
 
@@ -237,3 +262,32 @@ def test_beam_search_wider_beam_is_not_worse_on_average(problem):
         new = beam_search_codes(weight, codes, codebooks, scales, xtx, beam_size=beam, generator=_gen(0))
         errors[beam] = float(_per_row_error(weight, new, codebooks, scales, xtx.double()).sum())
     assert errors[8] <= errors[1]
+
+
+@pytest.mark.parametrize("use_xtx", [False, True], ids=["data-free", "xtx"])
+def test_hand_written_gradient_matches_autograd(use_xtx, problem):
+    """The codebook update's closed-form gradient equals autograd through `layout.dequantize`."""
+    from riverone_hf.quantizers.aq.engine import _adam_steps
+    from riverone_hf.quantizers.aq.layout import dequantize
+
+    weight, xtx = problem
+    xtx = xtx.float() if use_xtx else None
+    g = _gen(9)
+    codebooks = (0.05 * torch.randn(2, 16, 2, 4, generator=g)).requires_grad_(True)
+    scales = (torch.rand(32, 1, 1, 1, generator=g) + 0.5).requires_grad_(True)
+    codes = torch.randint(16, (32, 32, 2), generator=g)
+    denominator = 3.0
+
+    class Recorder:
+        def step(self):
+            self.grads = (codebooks.grad.clone(), scales.grad.clone())
+
+    recorder = Recorder()
+    loss = _adam_steps(weight, xtx, codes, codebooks, scales, recorder, 1, denominator)
+    codebooks.grad = scales.grad = None
+    delta = dequantize(codes, codebooks, scales) - weight
+    expected = ((delta @ xtx) * delta).sum() if use_xtx else delta.square().sum()
+    (expected / denominator).backward()
+    assert loss == pytest.approx(float(expected.detach()) / denominator, rel=1e-5)
+    torch.testing.assert_close(recorder.grads[0], codebooks.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(recorder.grads[1], scales.grad, rtol=1e-4, atol=1e-7)

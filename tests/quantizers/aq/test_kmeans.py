@@ -44,7 +44,7 @@ def test_kmeans_recovers_separated_clusters():
         (kmeans(points, 8, generator=_gen(s), max_iters=50) for s in range(5)),
         key=lambda r: (points - r[0][r[1]]).square().sum(),
     )
-    pairs = {(int(t), int(f)) for t, f in zip(labels, best[1])}
+    pairs = {(int(t), int(f)) for t, f in zip(labels, best[1], strict=True)}
     assert len(pairs) == 8
 
 
@@ -54,7 +54,7 @@ def test_kmeans_never_increases_error_over_iterations():
     for iters in (0, 1, 5, 20):
         c, a = kmeans(data, 16, generator=_gen(3), max_iters=iters)
         errors.append(float((data - c[a]).square().sum()))
-    assert all(later <= earlier + 1e-4 for earlier, later in zip(errors, errors[1:]))
+    assert all(later <= earlier + 1e-4 for earlier, later in zip(errors[:-1], errors[1:], strict=True))
     assert errors[-1] < errors[0]
 
 

@@ -244,7 +244,147 @@ class AqlmSpec(AqlmScheme):
         return self
 
 
-STAGE_SPECS: dict[str, type] = {"aqlm": AqlmSpec}
+@dataclass
+class MiniViTSpec:
+    """MiniViT weight multiplexing of vision-transformer blocks (arXiv 2204.07154).
+
+    Within a group of adjacent blocks every block uses the first block's attention and MLP modules;
+    each block keeps its own norms and layer-scales and gets small transforms initialised to identity.
+
+    Args:
+        groups (`list[list[int]]`, optional): explicit groups of adjacent block indices, e.g. ``[[0, 1], [2, 3]]``.
+        share_every (`int`, optional): instead of `groups`, share every `share_every` adjacent blocks in
+            ``[start, end)`` (`end` None: the last block).
+        start, end (`int`, optional): the block range for `share_every`.
+        transforms (`list[str]`, defaults to ["attention", "mlp"]): which per-block transforms to add:
+            "attention" (heads x heads mixing of the logits before and the maps after softmax) and/or
+            "mlp" (a depthwise convolution over the 2-D patch grid, residual, initialised to zero).
+        conv_kernel_size (`int`, defaults to 3): odd kernel size of the MLP transform's convolution.
+    """
+
+    groups: list[list[int]] | None = None
+    share_every: int | None = None
+    start: int = 0
+    end: int | None = None
+    transforms: list[str] = field(default_factory=lambda: ["attention", "mlp"])
+    conv_kernel_size: int = 3
+
+    def __post_init__(self):
+        _require(
+            (self.groups is None) != (self.share_every is None),
+            f"`minivit` needs exactly one of `groups` or `share_every`; got groups={self.groups!r}, "
+            f"share_every={self.share_every!r}",
+        )
+        if self.groups is not None:
+            _require(
+                isinstance(self.groups, list) and self.groups
+                and all(isinstance(g, list) and len(g) >= 2 for g in self.groups),
+                f"`minivit.groups` must be a non-empty list of lists of >= 2 block indices, got {self.groups!r}",
+            )
+            seen: set[int] = set()
+            for group in self.groups:
+                for index in group:
+                    _require_int("minivit.groups[][]", index, 0)
+                _require(
+                    group == list(range(group[0], group[0] + len(group))),
+                    f"`minivit.groups` entry {group} must list adjacent blocks in increasing order",
+                )
+                overlap = seen & set(group)
+                _require(not overlap, f"`minivit.groups` overlap on block(s) {sorted(overlap)}")
+                seen |= set(group)
+        else:
+            _require_int("minivit.share_every", self.share_every, 2)
+        _require_int("minivit.start", self.start, 0)
+        _require(self.end is None or (isinstance(self.end, int) and self.end > self.start),
+                 f"`minivit.end` must be None or an integer > start ({self.start}), got {self.end!r}")
+        allowed = ("attention", "mlp")
+        _require(
+            isinstance(self.transforms, list) and all(t in allowed for t in self.transforms),
+            f"`minivit.transforms` must be a list drawn from {list(allowed)}, got {self.transforms!r}",
+        )
+        _require(
+            isinstance(self.conv_kernel_size, int) and self.conv_kernel_size >= 1 and self.conv_kernel_size % 2 == 1,
+            f"`minivit.conv_kernel_size` must be an odd integer >= 1, got {self.conv_kernel_size!r}",
+        )
+
+    def resolve_groups(self, num_blocks: int) -> list[list[int]]:
+        """The groups of block indices for a tower of `num_blocks` blocks; ValueError if out of range."""
+        if self.groups is not None:
+            groups = self.groups
+        else:
+            end = num_blocks if self.end is None else self.end
+            groups = [list(range(i, min(i + self.share_every, end))) for i in range(self.start, end, self.share_every)]
+            groups = [g for g in groups if len(g) >= 2]
+        bad = sorted({i for g in groups for i in g if i >= num_blocks})
+        _require(not bad, f"`minivit` names block(s) {bad}, but the vision tower has {num_blocks} blocks (0..{num_blocks - 1})")
+        _require(groups, f"`minivit` selects no group of >= 2 blocks among the {num_blocks} blocks")
+        return groups
+
+
+VQC_INIT_MODES = ("fit", "random")
+MAX_VQC_WIRES = 12  # state-vector simulation: 2^wires amplitudes per circuit evaluation
+
+
+@dataclass
+class VqcSpec:
+    """Swap chosen Linears for `VQCGeneratedLinear`: a variational circuit (PennyLane) whose
+    measurements drive a hypernetwork that generates the weight as low-rank factors W = U Vᵀ.
+
+    Args:
+        target_modules (`list[str]`): regexes, `re.fullmatch` against full module names; each must match a Linear.
+        n_wires (`int`, defaults to 4): qubits of the circuit, 1..12.
+        n_layers (`int`, defaults to 2): layers of trainable RX, RY, RZ + CNOT ring.
+        rank (`int`, defaults to 8): rank r of W = U Vᵀ.
+        hidden_size (`int`, defaults to 32): hidden width of the hypernetwork.
+        chunk_size (`int`, defaults to 64): rows of U (and V) emitted per chunk, each chunk with its own context.
+        noise_probability (`float`, defaults to 0.0): depolarizing-style Pauli noise, training mode only.
+        exact_noise (`bool`, defaults to False): simulate the noise channel exactly with `default.mixed` (slow).
+        init (`str`, defaults to "fit"): "fit" the generator to the replaced weight, or "random".
+        init_steps (`int`, defaults to 200): optimisation steps of the "fit" initialisation.
+        init_lr (`float`, defaults to 0.01): learning rate of the "fit" initialisation.
+        seed (`int`, defaults to 0): seed of the initialisation.
+    """
+
+    target_modules: list[str] = field(default_factory=list)
+    n_wires: int = 4
+    n_layers: int = 2
+    rank: int = 8
+    hidden_size: int = 32
+    chunk_size: int = 64
+    noise_probability: float = 0.0
+    exact_noise: bool = False
+    init: str = "fit"
+    init_steps: int = 200
+    init_lr: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.target_modules, list) and self.target_modules,
+            f"`vqc.target_modules` must be a non-empty list of regexes, got {self.target_modules!r}",
+        )
+        for pattern in self.target_modules:
+            _require_regex("vqc.target_modules[]", pattern)
+        _require_int("vqc.n_wires", self.n_wires, 1, MAX_VQC_WIRES)
+        _require_int("vqc.n_layers", self.n_layers, 1)
+        _require_int("vqc.rank", self.rank, 1)
+        _require_int("vqc.hidden_size", self.hidden_size, 1)
+        _require_int("vqc.chunk_size", self.chunk_size, 1)
+        _require(
+            isinstance(self.noise_probability, (int, float)) and 0 <= self.noise_probability < 1,
+            f"`vqc.noise_probability` must be a number in [0, 1), got {self.noise_probability!r}",
+        )
+        _require(isinstance(self.exact_noise, bool), f"`vqc.exact_noise` must be a bool, got {self.exact_noise!r}")
+        _require(self.init in VQC_INIT_MODES, f"`vqc.init` must be one of {list(VQC_INIT_MODES)}, got {self.init!r}")
+        _require_int("vqc.init_steps", self.init_steps, 0)
+        _require(isinstance(self.init_lr, (int, float)) and self.init_lr > 0,
+                 f"`vqc.init_lr` must be a positive number, got {self.init_lr!r}")
+        _require_int("vqc.seed", self.seed, 0)
+
+
+# Stage name -> spec class, in the order the stages are applied: MiniViT shares vision blocks first,
+# VQC then swaps the Linears it targets (it wins over AQLM for a Linear both would take), AQLM last.
+STAGE_SPECS: dict[str, type] = {"minivit": MiniViTSpec, "vqc": VqcSpec, "aqlm": AqlmSpec}
 
 
 class RiverOneConfig(QuantizationConfigMixin):
@@ -252,6 +392,8 @@ class RiverOneConfig(QuantizationConfigMixin):
 
     Args:
         aqlm (`AqlmSpec` or dict, optional): additive quantization of Linear layers.
+        minivit (`MiniViTSpec` or dict, optional): weight multiplexing of vision blocks.
+        vqc (`VqcSpec` or dict, optional): VQC-generated Linears.
         quantization_map (`dict`, optional): written by riverone_hf after compression, one entry per
             converted module (``{"model.layers.0.mlp.up_proj": {"stage": "aqlm", "num_codebooks": 2, ...}}``);
             a pre-quantized load rebuilds exactly these modules before the weights load. Users leave it empty.
@@ -261,6 +403,8 @@ class RiverOneConfig(QuantizationConfigMixin):
     def __init__(
         self,
         aqlm: AqlmSpec | dict | None = None,
+        minivit: MiniViTSpec | dict | None = None,
+        vqc: VqcSpec | dict | None = None,
         quantization_map: dict[str, dict[str, Any]] | None = None,
         version: int = CONFIG_VERSION,
         **kwargs,
@@ -272,7 +416,8 @@ class RiverOneConfig(QuantizationConfigMixin):
             f"RiverOneConfig got unknown field(s) {unknown}; allowed: {sorted([*STAGE_SPECS, 'quantization_map', 'version'])}",
         )
         self.quant_method = QUANT_METHOD
-        self.aqlm = None if aqlm is None else _spec_from_dict(AqlmSpec, aqlm, "aqlm")
+        for name, spec in (("aqlm", aqlm), ("minivit", minivit), ("vqc", vqc)):
+            setattr(self, name, None if spec is None else _spec_from_dict(STAGE_SPECS[name], spec, name))
         _require_int("version", version, 1, CONFIG_VERSION)
         self.version = version
         _require(

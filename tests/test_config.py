@@ -100,3 +100,40 @@ def test_registration_is_idempotent():
     importlib.reload(riverone_hf)
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["riverone"].__name__ == "RiverOneConfig"
     assert AUTO_QUANTIZER_MAPPING["riverone"].__name__ == "RiverOneHfQuantizer"
+
+
+BAD_OTHER_STAGES = [
+    ({"minivit": {}}, "exactly one of `groups` or `share_every`"),
+    ({"minivit": {"groups": [[0, 1]], "share_every": 2}}, "exactly one"),
+    ({"minivit": {"groups": [[0]]}}, "minivit.groups"),
+    ({"minivit": {"groups": [[0, 2]]}}, "adjacent"),
+    ({"minivit": {"groups": [[0, 1], [1, 2]]}}, "overlap"),
+    ({"minivit": {"share_every": 1}}, "minivit.share_every"),
+    ({"minivit": {"share_every": 2, "transforms": ["values"]}}, "minivit.transforms"),
+    ({"minivit": {"share_every": 2, "conv_kernel_size": 4}}, "conv_kernel_size"),
+    ({"minivit": {"share_every": 2, "start": 4, "end": 2}}, "minivit.end"),
+    ({"vqc": {}}, "vqc.target_modules"),
+    ({"vqc": {"target_modules": ["("]}}, "vqc.target_modules"),
+    ({"vqc": {"target_modules": ["x"], "n_wires": 40}}, "vqc.n_wires"),
+    ({"vqc": {"target_modules": ["x"], "rank": 0}}, "vqc.rank"),
+    ({"vqc": {"target_modules": ["x"], "noise_probability": 1.5}}, "vqc.noise_probability"),
+    ({"vqc": {"target_modules": ["x"], "init": "zeros"}}, "vqc.init"),
+]
+
+
+@pytest.mark.parametrize("fields,named", BAD_OTHER_STAGES, ids=[str(i) for i in range(len(BAD_OTHER_STAGES))])
+def test_bad_minivit_and_vqc_fields_name_them(fields, named):
+    with pytest.raises(ValueError, match=named.replace("`", ".")):
+        RiverOneConfig(**fields)
+
+
+def test_minivit_groups_resolve_and_check_range():
+    spec = RiverOneConfig(minivit={"share_every": 2, "start": 1}).minivit
+    assert spec.resolve_groups(6) == [[1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="has 4 blocks"):
+        RiverOneConfig(minivit={"groups": [[3, 4]]}).minivit.resolve_groups(4)
+
+
+def test_all_stages_round_trip():
+    config = RiverOneConfig(aqlm={}, minivit={"groups": [[0, 1]]}, vqc={"target_modules": [r".*fc2"], "n_wires": 6})
+    assert RiverOneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

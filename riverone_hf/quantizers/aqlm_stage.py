@@ -1,5 +1,8 @@
 """The AQLM stage: which Linears it converts, the skeleton for pre-quantized loads, on-the-fly
-quantization of loaded dense weights (data-free or calibrated), and dequantization back to Linears."""
+quantization of loaded dense weights (data-free or calibrated), and dequantization back to Linears.
+
+Stage protocol (see `hf_quantizer.STAGES`): `plan` before weights load, `apply` after, `rebuild`
+for pre-quantized checkpoints."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.quantizers.quantizers_utils import should_convert_module
+
+from dataclasses import dataclass, field
 
 from ..config import SCHEME_FIELDS, AqlmSpec
 from ..modeling.aqlm_linear import AqlmLinear
@@ -37,8 +42,39 @@ def _tied_module_names(model: nn.Module) -> set[str]:
     return {key.removesuffix(".weight") for pair in tied.items() for key in pair}
 
 
-def plan_aqlm(model: nn.Module, spec: AqlmSpec) -> dict[str, AqlmSpec]:
-    """Map each Linear to convert to the spec that applies to it (overrides resolved).
+@dataclass
+class AqlmPlan:
+    """What `apply` will do: the spec of each Linear to convert, and calibration windows (or None)."""
+
+    modules: dict[str, AqlmSpec]
+    windows: torch.Tensor | None = None
+    claimed: set[str] = field(init=False)
+
+    def __post_init__(self):
+        self.claimed = set(self.modules)
+
+
+def plan(model: nn.Module, spec: AqlmSpec, claimed: set[str] = frozenset()) -> AqlmPlan:
+    """Check the stage against the (meta) model and tokenize calibration text, before weights load."""
+    modules = plan_modules(model, spec, claimed)
+    windows = None
+    if spec.calibration is not None:
+        from .calibration_data import calibration_windows
+
+        windows = calibration_windows(model, spec.calibration)
+    return AqlmPlan(modules, windows)
+
+
+def apply(model: nn.Module, spec: AqlmSpec, plan: AqlmPlan) -> dict[str, dict]:
+    """Quantize the planned Linears of the loaded model; returns their quantization_map entries."""
+    if plan.windows is None:
+        return quantize_data_free(model, plan.modules)
+    return quantize_calibrated(model, plan.modules, plan.windows)
+
+
+def plan_modules(model: nn.Module, spec: AqlmSpec, claimed: set[str] = frozenset()) -> dict[str, AqlmSpec]:
+    """Map each Linear to convert to the spec that applies to it (overrides resolved). Linears in
+    `claimed` belong to an earlier stage and are left out.
 
     Raises ValueError, before any weight is touched, for a target regex that matches no Linear,
     a tied Linear, or a shape the scheme's group sizes do not divide.
@@ -58,6 +94,8 @@ def plan_aqlm(model: nn.Module, spec: AqlmSpec) -> dict[str, AqlmSpec]:
     tied = _tied_module_names(model)
     plan = {}
     for name in in_scope:
+        if name in claimed:
+            continue
         if not should_convert_module(name, spec.modules_to_not_convert):
             continue
         module_spec = spec.for_module(name)
@@ -86,12 +124,9 @@ def map_entry(spec: AqlmSpec) -> dict:
     return {"stage": STAGE, **spec.scheme_dict()}
 
 
-def build_skeleton(model: nn.Module, quantization_map: dict[str, dict]) -> int:
+def rebuild(model: nn.Module, entries: dict[str, dict]) -> None:
     """Replace the recorded Linears by empty `AqlmLinear`s (before a pre-quantized checkpoint loads)."""
-    converted = 0
-    for name, entry in quantization_map.items():
-        if entry.get("stage") != STAGE:
-            continue
+    for name, entry in entries.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"quantization_map names `{name}`, which is a {type(linear).__name__}, not a Linear")
@@ -104,8 +139,6 @@ def build_skeleton(model: nn.Module, quantization_map: dict[str, dict]) -> int:
             **{k: entry[k] for k in SCHEME_FIELDS},
         )
         model.set_submodule(name, replacement)
-        converted += 1
-    return converted
 
 
 def quantize_linear(linear: nn.Linear, spec: AqlmSpec, xtx: torch.Tensor | None = None) -> AqlmLinear:

@@ -44,3 +44,23 @@ def load_calibration_texts(spec: CalibrationSpec) -> list[str]:
             f"columns: {data.column_names}"
         )
     return [text for text in data[spec.text_column] if text]
+
+
+def calibration_windows(model, spec: CalibrationSpec):
+    """Token windows [num_samples, seq_len] from the configured text, tokenised by the model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..evaluation import token_windows
+
+    tokenizer_path = spec.tokenizer or model.config.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"calibration needs a tokenizer; none could be loaded from {tokenizer_path!r} "
+            "(set `aqlm.calibration.tokenizer`)"
+        ) from err
+    texts = load_calibration_texts(spec)
+    with torch.device("cpu"):  # the loader's hooks run inside a meta-device context
+        return token_windows(tokenizer, texts, spec.num_samples, spec.seq_len, spec.seed)

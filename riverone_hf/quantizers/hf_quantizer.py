@@ -1,22 +1,35 @@
 """`RiverOneHfQuantizer`: translates transformers' loading hooks into riverone_hf stage calls.
 
-Dense checkpoint (`pre_quantized=False`): the plan is checked on the meta skeleton before any weight
-loads (bad targets or shapes fail fast), the dense weights load as usual, and the stages compress
-after loading. riverone checkpoint (`pre_quantized=True`): the recorded `quantization_map` rebuilds the
-compressed modules on the meta skeleton, so the stored tensors load straight into them.
+Dense checkpoint (`pre_quantized=False`): every configured stage plans on the meta skeleton before
+any weight loads (bad targets or shapes fail fast), the dense weights load as usual, and the stages
+compress after loading, in `STAGES` order; each records what it did in `quantization_map`.
+riverone checkpoint (`pre_quantized=True`): each stage rebuilds its recorded modules on the meta
+skeleton, so the stored tensors load straight into them.
+
+A stage is a module with `plan(model, spec, claimed) -> plan` (the plan has `.claimed`, the module
+names it takes, so later stages leave them alone), `apply(model, spec, plan) -> map entries` and
+`rebuild(model, entries)`.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 
-import torch
 from transformers.quantizers.base import HfQuantizer
 
-from ..config import RiverOneConfig
-from . import aqlm_stage
+from ..config import STAGE_SPECS, RiverOneConfig
 
 logger = logging.getLogger(__name__)
+
+# Stage name -> module implementing it, in the order of `config.STAGE_SPECS`.
+STAGES = {"aqlm": "riverone_hf.quantizers.aqlm_stage"}
+
+
+def _stage(name: str):
+    if name not in STAGES:
+        raise ValueError(f"stage {name!r} is not implemented in this version; implemented: {sorted(STAGES)}")
+    return importlib.import_module(STAGES[name])
 
 
 class RiverOneHfQuantizer(HfQuantizer):
@@ -27,42 +40,54 @@ class RiverOneHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: RiverOneConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
-        self._aqlm_plan = None
-        self._calibration_windows = None
+        self._plans: dict[str, object] = {}
+
+    def _configured(self) -> list[tuple[str, object]]:
+        return [(n, getattr(self.quantization_config, n)) for n in STAGE_SPECS if getattr(self.quantization_config, n)]
 
     def validate_environment(self, *args, **kwargs):
-        spec = self.quantization_config.aqlm
-        if not self.pre_quantized and spec is not None and spec.calibration is not None:
+        if self.pre_quantized:
+            stages = {entry.get("stage") for entry in self.quantization_config.quantization_map.values()}
+            for name in sorted(stages):
+                _stage(name)
+            return
+        for name, _ in self._configured():
+            _stage(name)
+        aqlm = self.quantization_config.aqlm
+        if aqlm is not None and aqlm.calibration is not None:
             from .calibration_data import check_calibration_source
 
-            check_calibration_source(spec.calibration)
+            check_calibration_source(aqlm.calibration)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
-            converted = aqlm_stage.build_skeleton(model, self.quantization_config.quantization_map)
-            logger.info("rebuilt %d AqlmLinear modules from the checkpoint's quantization_map", converted)
+            entries_by_stage: dict[str, dict] = {}
+            for module_name, entry in self.quantization_config.quantization_map.items():
+                entries_by_stage.setdefault(entry["stage"], {})[module_name] = entry
+            for name in STAGE_SPECS:
+                if name in entries_by_stage:
+                    _stage(name).rebuild(model, entries_by_stage[name])
+                    logger.info("%s: rebuilt %d modules from quantization_map", name, len(entries_by_stage[name]))
             return model
-        spec = self.quantization_config.aqlm
-        if spec is not None:
-            self._aqlm_plan = aqlm_stage.plan_aqlm(model, spec)
-            logger.info("AQLM stage will convert %d Linear modules", len(self._aqlm_plan))
-            if spec.calibration is not None:
-                self._calibration_windows = _calibration_windows(model, spec.calibration)
+        claimed: set[str] = set()
+        for name, spec in self._configured():
+            plan = _stage(name).plan(model, spec, claimed)
+            claimed |= plan.claimed
+            self._plans[name] = plan
+            logger.info("%s stage will convert %d modules", name, len(plan.claimed))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        if self.pre_quantized or self._aqlm_plan is None:
-            return model
-        if self._calibration_windows is None:
-            new_map = aqlm_stage.quantize_data_free(model, self._aqlm_plan)
-        else:
-            new_map = aqlm_stage.quantize_calibrated(model, self._aqlm_plan, self._calibration_windows)
-        self.quantization_config.quantization_map.update(new_map)
-        self._aqlm_plan = self._calibration_windows = None
+        for name, spec in self._configured():
+            if name in self._plans:
+                entries = _stage(name).apply(model, spec, self._plans.pop(name))
+                self.quantization_config.quantization_map.update(entries)
         return model
 
     def _dequantize(self, model, dtype=None):
-        aqlm_stage.dequantize_model(model, dtype=dtype)
+        from .aqlm_stage import dequantize_model
+
+        dequantize_model(model, dtype=dtype)
         return model
 
     def is_serializable(self, safe_serialization=None):
@@ -71,23 +96,3 @@ class RiverOneHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
-
-
-def _calibration_windows(model, calibration):
-    """Token windows [num_samples, seq_len] from the configured text, tokenised by the model's tokenizer."""
-    from transformers import AutoTokenizer
-
-    from ..evaluation import token_windows
-    from .calibration_data import load_calibration_texts
-
-    tokenizer_path = calibration.tokenizer or model.config.name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"calibration needs a tokenizer; none could be loaded from {tokenizer_path!r} "
-            "(set `aqlm.calibration.tokenizer`)"
-        ) from err
-    texts = load_calibration_texts(calibration)
-    with torch.device("cpu"):  # this hook runs inside the loader's meta-device context
-        return token_windows(tokenizer, texts, calibration.num_samples, calibration.seq_len, calibration.seed)

@@ -17,6 +17,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "riverone"
+CODEBOOK_OPTIMIZERS = ("cg", "adam")
 CONFIG_VERSION = 1
 
 
@@ -177,10 +178,15 @@ class AqlmSpec(AqlmScheme):
         num_codebooks, nbits_per_codebook, in_group_size, out_group_size: see `AqlmScheme`.
         beam_size (`int`, defaults to 8): candidates kept per group in the beam search over codes.
         max_epochs (`int`, defaults to 10): most rounds of (codebook update, beam search).
-        steps_per_epoch (`int`, defaults to 100): Adam steps on codebooks and scales per round.
+        steps_per_epoch (`int`, defaults to 100): codebook-update steps per round: conjugate-gradient
+            iterations with `codebook_optimizer="cg"`, Adam steps with `"adam"`.
         relative_tolerance (`float`, defaults to 0.01): stop when a round improves the objective by less
             than this fraction.
-        codebook_lr (`float`, defaults to 1e-4): Adam learning rate for codebooks and scales.
+        codebook_lr (`float`, defaults to 1e-4): Adam learning rate for codebooks and scales (`"adam"` only).
+        codebook_optimizer (`str`, defaults to `"cg"`): how codebooks and scales are fitted to the codes
+            each round. `"cg"`: scales solved in closed form and preconditioned conjugate gradient on the
+            codebooks (the objective is quadratic in them for fixed codes and scales); `"adam"`: Adam with
+            `codebook_lr`, as the reference AQLM code does.
         kmeans_iters (`int`, defaults to 100): k-means iterations of the residual initialisation.
         seed (`int`, defaults to 0): seed of every stochastic step (same seed, same codes).
         calibration (`CalibrationSpec` or dict, optional): local text for output-aware (XᵀX) quantization;
@@ -198,6 +204,9 @@ class AqlmSpec(AqlmScheme):
     steps_per_epoch: int = field(default=100, metadata={"help": "Adam steps per round, >= 0."})
     relative_tolerance: float = field(default=0.01, metadata={"help": "Stop when a round gains less, in [0, 1)."})
     codebook_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate, > 0."})
+    codebook_optimizer: str = field(
+        default="cg", metadata={"help": "Codebook update each round: 'cg' (closed-form scales + CG) or 'adam'."}
+    )
     kmeans_iters: int = field(default=100, metadata={"help": "k-means iterations of the initialisation, >= 0."})
     seed: int = field(default=0, metadata={"help": "Seed of every stochastic step, >= 0."})
     calibration: CalibrationSpec | None = None
@@ -219,6 +228,10 @@ class AqlmSpec(AqlmScheme):
         _require(
             isinstance(self.codebook_lr, (int, float)) and self.codebook_lr > 0,
             f"`codebook_lr` must be a positive number, got {self.codebook_lr!r}",
+        )
+        _require(
+            self.codebook_optimizer in CODEBOOK_OPTIMIZERS,
+            f"`codebook_optimizer` must be one of {list(CODEBOOK_OPTIMIZERS)}, got {self.codebook_optimizer!r}",
         )
         if self.calibration is not None:
             self.calibration = _spec_from_dict(CalibrationSpec, self.calibration, "calibration")
@@ -257,8 +270,9 @@ class MiniViTSpec:
             ``[start, end)`` (`end` None: the last block).
         start, end (`int`, optional): the block range for `share_every`.
         transforms (`list[str]`, defaults to ["attention", "mlp"]): which per-block transforms to add:
-            "attention" (heads x heads mixing of the logits before and the maps after softmax) and/or
-            "mlp" (a depthwise convolution over the 2-D patch grid, residual, initialised to zero).
+            "attention" (heads x heads mixing of the logits before and the maps after softmax; those blocks
+            then compute attention eagerly) and/or "mlp" (a depthwise convolution over the 2-D patch grid
+            of the MLP input, residual, initialised to zero; CLS/register tokens bypass it). `[]`: plain sharing.
         conv_kernel_size (`int`, defaults to 3): odd kernel size of the MLP transform's convolution.
     """
 
@@ -294,13 +308,20 @@ class MiniViTSpec:
                 seen |= set(group)
         else:
             _require_int("minivit.share_every", self.share_every, 2)
+        _require(
+            self.share_every is not None or (self.start == 0 and self.end is None),
+            f"`minivit.start`/`minivit.end` apply only with `share_every`; with `groups` list the blocks "
+            f"themselves (got start={self.start!r}, end={self.end!r})",
+        )
         _require_int("minivit.start", self.start, 0)
         _require(self.end is None or (isinstance(self.end, int) and self.end > self.start),
                  f"`minivit.end` must be None or an integer > start ({self.start}), got {self.end!r}")
         allowed = ("attention", "mlp")
         _require(
-            isinstance(self.transforms, list) and all(t in allowed for t in self.transforms),
-            f"`minivit.transforms` must be a list drawn from {list(allowed)}, got {self.transforms!r}",
+            isinstance(self.transforms, list) and all(t in allowed for t in self.transforms)
+            and len(set(self.transforms)) == len(self.transforms),
+            f"`minivit.transforms` must be a list of distinct entries drawn from {list(allowed)} ([] for plain "
+            f"sharing), got {self.transforms!r}",
         )
         _require(
             isinstance(self.conv_kernel_size, int) and self.conv_kernel_size >= 1 and self.conv_kernel_size % 2 == 1,
@@ -323,40 +344,51 @@ class MiniViTSpec:
 
 VQC_INIT_MODES = ("fit", "random")
 MAX_VQC_WIRES = 12  # state-vector simulation: 2^wires amplitudes per circuit evaluation
+MAX_VQC_EXACT_NOISE_WIRES = 8  # default.mixed: a 4^wires density matrix per circuit evaluation
 
 
 @dataclass
 class VqcSpec:
     """Swap chosen Linears for `VQCGeneratedLinear`: a variational circuit (PennyLane) whose
-    measurements drive a hypernetwork that generates the weight as low-rank factors W = U Vᵀ.
+    measurements drive a chunked hypernetwork that generates the weight as low-rank factors W = U Vᵀ.
+    The VQC stage runs after MiniViT and before AQLM: a Linear it takes is left alone by AQLM.
 
     Args:
         target_modules (`list[str]`): regexes, `re.fullmatch` against full module names; each must match a Linear.
-        n_wires (`int`, defaults to 4): qubits of the circuit, 1..12.
+        n_wires (`int`, defaults to 4): qubits of the circuit, 1..12 (1..8 with `exact_noise`).
         n_layers (`int`, defaults to 2): layers of trainable RX, RY, RZ + CNOT ring.
-        rank (`int`, defaults to 8): rank r of W = U Vᵀ.
+        rank (`int`, defaults to 8): rank r of W = U Vᵀ, at most min(in, out) of every targeted Linear.
         hidden_size (`int`, defaults to 32): hidden width of the hypernetwork.
         chunk_size (`int`, defaults to 64): rows of U (and V) emitted per chunk, each chunk with its own context.
-        noise_probability (`float`, defaults to 0.0): depolarizing-style Pauli noise, training mode only.
-        exact_noise (`bool`, defaults to False): simulate the noise channel exactly with `default.mixed` (slow).
+        noise_probability (`float`, defaults to 0.0): depolarizing noise per wire and layer, training mode only.
+        exact_noise (`bool`, defaults to False): simulate the noise channel exactly with `default.mixed` (slow)
+            instead of sampling one Pauli trajectory per chunk and call.
         init (`str`, defaults to "fit"): "fit" the generator to the replaced weight, or "random".
-        init_steps (`int`, defaults to 200): optimisation steps of the "fit" initialisation.
-        init_lr (`float`, defaults to 0.01): learning rate of the "fit" initialisation.
+        init_steps (`int`, defaults to 200): Adam steps of the "fit" initialisation (after a least-squares warm start).
+        init_lr (`float`, defaults to 1e-3): Adam learning rate of the "fit" initialisation.
+        calibration (`CalibrationSpec` or dict, optional): local text; "fit" then minimises the output error
+            through XᵀX of each Linear's inputs instead of the weight error.
+        baselines (`bool`, defaults to True): also fit the classical-vector ablation (doubles the fit time) for
+            the accounting table; the truncated-SVD baseline is always measured.
         seed (`int`, defaults to 0): seed of the initialisation.
     """
 
-    target_modules: list[str] = field(default_factory=list)
-    n_wires: int = 4
-    n_layers: int = 2
-    rank: int = 8
-    hidden_size: int = 32
-    chunk_size: int = 64
-    noise_probability: float = 0.0
-    exact_noise: bool = False
-    init: str = "fit"
-    init_steps: int = 200
-    init_lr: float = 0.01
-    seed: int = 0
+    target_modules: list[str] = field(
+        default_factory=list, metadata={"help": "Regexes, re.fullmatch against full module names; each must match."}
+    )
+    n_wires: int = field(default=4, metadata={"help": f"Qubits, 1..{MAX_VQC_WIRES}."})
+    n_layers: int = field(default=2, metadata={"help": "Circuit layers (RX, RY, RZ + CNOT ring), >= 1."})
+    rank: int = field(default=8, metadata={"help": "Rank r of W = U Vᵀ, <= min(in, out) of each target."})
+    hidden_size: int = field(default=32, metadata={"help": "Hypernetwork width, >= 1."})
+    chunk_size: int = field(default=64, metadata={"help": "Rows of U / V emitted per chunk, >= 1."})
+    noise_probability: float = field(default=0.0, metadata={"help": "Depolarizing noise in training, [0, 1)."})
+    exact_noise: bool = field(default=False, metadata={"help": "Exact channel on default.mixed (slow)."})
+    init: str = field(default="fit", metadata={"help": f"One of {list(VQC_INIT_MODES)}."})
+    init_steps: int = field(default=200, metadata={"help": "Adam steps of the fit, >= 0."})
+    init_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the fit, > 0."})
+    calibration: CalibrationSpec | None = None
+    baselines: bool = field(default=True, metadata={"help": "Fit the classical-vector ablation for the report."})
+    seed: int = field(default=0, metadata={"help": "Seed of the initialisation, >= 0."})
 
     def __post_init__(self):
         _require(
@@ -371,14 +403,23 @@ class VqcSpec:
         _require_int("vqc.hidden_size", self.hidden_size, 1)
         _require_int("vqc.chunk_size", self.chunk_size, 1)
         _require(
-            isinstance(self.noise_probability, (int, float)) and 0 <= self.noise_probability < 1,
+            isinstance(self.noise_probability, (int, float)) and not isinstance(self.noise_probability, bool)
+            and 0 <= self.noise_probability < 1,
             f"`vqc.noise_probability` must be a number in [0, 1), got {self.noise_probability!r}",
         )
         _require(isinstance(self.exact_noise, bool), f"`vqc.exact_noise` must be a bool, got {self.exact_noise!r}")
+        _require(
+            not self.exact_noise or self.n_wires <= MAX_VQC_EXACT_NOISE_WIRES,
+            f"`vqc.n_wires` must be <= {MAX_VQC_EXACT_NOISE_WIRES} with `vqc.exact_noise` (default.mixed holds a "
+            f"4^n_wires density matrix), got {self.n_wires}",
+        )
         _require(self.init in VQC_INIT_MODES, f"`vqc.init` must be one of {list(VQC_INIT_MODES)}, got {self.init!r}")
         _require_int("vqc.init_steps", self.init_steps, 0)
-        _require(isinstance(self.init_lr, (int, float)) and self.init_lr > 0,
+        _require(isinstance(self.init_lr, (int, float)) and not isinstance(self.init_lr, bool) and self.init_lr > 0,
                  f"`vqc.init_lr` must be a positive number, got {self.init_lr!r}")
+        if self.calibration is not None:
+            self.calibration = _spec_from_dict(CalibrationSpec, self.calibration, "vqc.calibration")
+        _require(isinstance(self.baselines, bool), f"`vqc.baselines` must be a bool, got {self.baselines!r}")
         _require_int("vqc.seed", self.seed, 0)
 
 

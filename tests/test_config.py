@@ -62,6 +62,7 @@ BAD = [
     ({"relative_tolerance": 1.0}, "relative_tolerance"),
     ({"codebook_lr": 0}, "codebook_lr"),
     ({"kmeans_iters": -2}, "kmeans_iters"),
+    ({"codebook_optimizer": "sgd"}, "codebook_optimizer"),
     ({"seed": -1}, "seed"),
     ({"calibration": {}}, "calibration"),
     ({"calibration": {"text_files": ["a"], "dataset_path": "d"}}, "calibration"),

@@ -23,7 +23,11 @@ from ..config import STAGE_SPECS, RiverOneConfig
 logger = logging.getLogger(__name__)
 
 # Stage name -> module implementing it, in the order of `config.STAGE_SPECS`.
-STAGES = {"aqlm": "riverone_hf.quantizers.aqlm_stage"}
+STAGES = {
+    "minivit": "riverone_hf.quantizers.minivit_stage",
+    "vqc": "riverone_hf.quantizers.vqc_stage",
+    "aqlm": "riverone_hf.quantizers.aqlm_stage",
+}
 
 
 def _stage(name: str):

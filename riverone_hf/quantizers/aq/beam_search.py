@@ -16,9 +16,17 @@ per input group and codebook: the codebook "Gram" terms), the loss of candidate 
 
     L(k) = L - (-2 s <g', c_old> + s² n_old) + (-2 s <g', c_k> + s² n_k)
 
-which needs one [beams, in] x [in, group] product per input group (its codebooks update g' in place)
-and one [beams, group] x [group, K] product per step. The search keeps back-pointers (parent hypothesis,
-chosen code) per step and reads the codes back at the end, so hypotheses are never copied code by code.
+so the scores of all K candidates are ONE product [beams, go·gi + 1] x [go·gi + 1, K] of the rows
+[2s·g', -s²] with the table [codebookᵀ; n] (the Gram terms ride along as an extra row), scored in tiles
+that stay in cache (`kmeans.max_inner_product` for a beam of one, a top-k per tile and one merge
+otherwise).
+
+Work per input group, with the columns permuted into visiting order: the beam carries
+G = residual · H restricted to the columns not visited yet (it shrinks as the search goes), so the
+gradient at the group being visited is a slice of G, and leaving a group costs one gather of G by the
+surviving hypotheses plus one rank-gi update (the group's residual change times its rows of H). The
+search keeps back-pointers (parent hypothesis, chosen code) per step and reads the codes back at the
+end, so hypotheses are never copied code by code; the result is checked against the exact objective.
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+from .kmeans import MAX_TILE_COLUMNS, max_inner_product
+
+DEFAULT_CHUNK_BYTES = 16 * 2**20
 
 
 def _gram_norms(codebooks: torch.Tensor, diag_blocks: torch.Tensor | None) -> torch.Tensor:
@@ -43,30 +53,53 @@ def _gram_norms(codebooks: torch.Tensor, diag_blocks: torch.Tensor | None) -> to
     if diag_blocks is None:
         return codebooks.square().sum((-1, -2)).unsqueeze(0)  # [1, M, K]
     flat = codebooks.reshape(-1, in_group_size)  # [M*K*go, gi]
-    norms = torch.empty(
-        diag_blocks.shape[0], num_codebooks, codebook_size, dtype=codebooks.dtype, device=codebooks.device
-    )
-    for i in range(diag_blocks.shape[0]):
-        norms[i] = (flat @ diag_blocks[i]).mul_(flat).sum(-1).view(num_codebooks, codebook_size, out_group_size).sum(-1)
-    return norms
-
-
-def _row_losses(residual: torch.Tensor, xtx: torch.Tensor | None) -> torch.Tensor:
-    """[c, go, in] residual -> [c] loss per output group."""
-    c, go, width = residual.shape
-    flat = residual.reshape(c * go, width)
-    if xtx is None:
-        return flat.square().sum(-1).view(c, go).sum(-1)
-    return (flat @ xtx).mul_(flat).sum(-1).view(c, go).sum(-1)
+    # c H cᵀ = Σ_ab c_a c_b H_ab: one product of the codewords' outer products with the flattened blocks
+    outer = (flat[:, :, None] * flat[:, None, :]).reshape(-1, in_group_size * in_group_size)  # [M*K*go, gi²]
+    norms = diag_blocks.reshape(diag_blocks.shape[0], -1) @ outer.T  # [I, M*K*go]
+    return norms.view(-1, num_codebooks, codebook_size, out_group_size).sum(-1)
 
 
 def _take(tensor: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
-    """Per output group, pick beams: tensor [c, b, ...], parent [c, b_new] -> [c, b_new, ...]."""
+    """Per output group, pick beams: tensor [c, b, ...], parent [c, b_new] -> [c, b_new, ...] (contiguous)."""
     c, b = tensor.shape[:2]
     flat_index = (parent + torch.arange(c, device=parent.device)[:, None] * b).reshape(-1)
     return (
         tensor.reshape(c * b, *tensor.shape[2:]).index_select(0, flat_index).view(c, parent.shape[1], *tensor.shape[2:])
     )
+
+
+def _best_candidates(
+    rows: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, keep: int, max_chunk_bytes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `keep` best (parent, code) pairs per output group by score rows[c, b] · table[:, k] + bias[c, b].
+
+    Args:
+        rows: [c, b, dim]; table: [dim, K]; bias: [c, b]; keep: <= b * K.
+
+    Returns:
+        score [c, keep], parent [c, keep] in [0, b), code [c, keep] in [0, K).
+    """
+    c, b, dim = rows.shape
+    codebook_size = table.shape[1]
+    if keep == 1 and b == 1:
+        value, code = max_inner_product(rows.view(c, dim), table, max_chunk_bytes=max_chunk_bytes)
+        return (value + bias[:, 0])[:, None], torch.zeros_like(code)[:, None], code[:, None]
+    cols = min(codebook_size, MAX_TILE_COLUMNS)
+    flat_rows = rows.reshape(c * b, dim)
+    scores, parents, codes = [], [], []
+    for lo in range(0, codebook_size, cols):
+        width = min(cols, codebook_size - lo)
+        tile = torch.mm(flat_rows, table[:, lo : lo + width]).view(c, b, width).add_(bias[..., None])
+        top, pick = tile.view(c, b * width).topk(min(keep, b * width), dim=-1, sorted=False)  # [c, <= keep]
+        parent = torch.div(pick, width, rounding_mode="floor")
+        scores.append(top)
+        parents.append(parent)
+        codes.append(pick - parent * width + lo)
+    if len(scores) == 1:
+        return scores[0], parents[0], codes[0]
+    scores, parents, codes = torch.cat(scores, 1), torch.cat(parents, 1), torch.cat(codes, 1)
+    top, pick = scores.topk(keep, dim=-1, sorted=False)
+    return top, parents.gather(1, pick), codes.gather(1, pick)
 
 
 def _search_chunk(
@@ -76,27 +109,25 @@ def _search_chunk(
     codebooks: torch.Tensor,
     codebooks_t: torch.Tensor,
     xtx: torch.Tensor | None,
-    xtx_cols: torch.Tensor | None,
     diag_blocks: torch.Tensor | None,
     norms: torch.Tensor,
-    in_order: list[int],
     cb_order: list[list[int]],
     beam_size: int,
+    max_chunk_bytes: int,
 ) -> torch.Tensor:
-    """Beam search for one chunk of output groups.
+    """Beam search for one chunk of output groups, visiting the input groups in their stored order.
 
     Every (input group, codebook) is visited once, so when it is visited each hypothesis still holds the
-    starting code there. The beam keeps, per step, back-pointers (parent hypothesis, chosen code);
-    residuals are re-gathered once per input group, and the codes are read back at the end.
+    starting code there.
 
     Args:
-        weight: [c, go, in] reference rows of the chunk.
-        codes: [c, I, M] int64 starting codes.
+        weight: [c, go, in] reference rows of the chunk (columns in visiting order).
+        codes: [c, I, M] int64 starting codes (input groups in visiting order).
         scales: [c] float.
         codebooks: [M, K, go*gi]; codebooks_t: [M, go*gi, K] (the same, transposed).
-        xtx: [in, in] or None; xtx_cols: [I, in, gi] column blocks of xtx; diag_blocks: [I, gi, gi].
+        xtx: [in, in] or None (identity; then I must be 1); diag_blocks: [I, gi, gi] or None.
         norms: [I, M, K] from `_gram_norms`.
-        in_order: input groups in visiting order; cb_order[i]: codebooks of input group i in visiting order.
+        cb_order[i]: codebooks of input group i in visiting order.
 
     Returns:
         [c, I, M] int64 codes, never worse (by the exactly recomputed loss) than `codes` per output group.
@@ -107,82 +138,82 @@ def _search_chunk(
     in_group_size = group_dim // go
     device = weight.device
     rows = torch.arange(c, device=device)
+    flat_codebooks = codebooks.reshape(-1, group_dim)
+    offsets = torch.arange(num_codebooks, device=device) * codebook_size
 
     def parts(group_codes: torch.Tensor) -> torch.Tensor:
-        """[c, b, M] codes of one input group -> [c, b, go*gi] unscaled sum of their codewords."""
-        offsets = torch.arange(num_codebooks, device=device) * codebook_size
-        return F.embedding_bag((group_codes + offsets).view(-1, num_codebooks), flat_codebooks, mode="sum").view(
-            *group_codes.shape[:2], group_dim
-        )
+        """[..., M] codes of input groups -> [..., go*gi] unscaled sum of their codewords."""
+        summed = F.embedding_bag((group_codes + offsets).reshape(-1, num_codebooks), flat_codebooks, mode="sum")
+        return summed.view(*group_codes.shape[:-1], group_dim)
 
-    flat_codebooks = codebooks.reshape(-1, group_dim)
-    start = parts(codes).view(c, num_in_groups, go, in_group_size).transpose(1, 2).reshape(c, go, width)
-    residual0 = weight - start * scales[:, None, None]  # [c, go, in]
-    loss0 = _row_losses(residual0, xtx)  # [c]
+    def residual_of(all_codes: torch.Tensor) -> torch.Tensor:
+        """[c, I, M] codes -> [c, go, in] residual weight - ŵ."""
+        start = parts(all_codes).view(c, num_in_groups, go, in_group_size).transpose(1, 2).reshape(c, go, width)
+        return weight - start * scales[:, None, None]
 
-    residual = residual0.unsqueeze(1)  # [c, b, go, in], b = 1 to start with
+    def losses(residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[c, go, in] residual -> (residual · H [c, go, in], loss per output group [c])."""
+        grad = residual if xtx is None else (residual.reshape(c * go, width) @ xtx).view(c, go, width)
+        return grad, (grad * residual).sum((1, 2))
+
+    grad_all, loss0 = losses(residual_of(codes))
+    remaining = grad_all.unsqueeze(1)  # [c, b, go, in - visited], b = 1 to start with
     loss = loss0.unsqueeze(1)  # [c, b]
-    s = scales[:, None, None]  # [c, 1, 1]
+    s = scales[:, None]  # [c, 1]
+    minus_s2 = scales.square().neg()  # [c]
     back_pointers: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (i, m, parent [c, b], code [c, b])
 
-    for i in in_order:
-        lo, hi = i * in_group_size, (i + 1) * in_group_size
-        b = residual.shape[1]
-        if xtx is None:
-            grad = residual[..., lo:hi].reshape(c, b, group_dim)  # residual H[:, slice] with H = I
-        else:
-            grad = (residual.reshape(-1, width) @ xtx_cols[i]).view(c, b, group_dim)
+    for i in range(num_in_groups):
+        b = remaining.shape[1]
+        grad = remaining[..., :in_group_size].reshape(c, b, group_dim)  # residual H at group i, [c, b, go*gi]
         group_parent = torch.arange(b, device=device).expand(c, b)  # [c, b] into the beam at group start
         group_codes = codes[:, i].unsqueeze(1).expand(c, b, num_codebooks)  # [c, b, M]
         for m in cb_order[i]:
             b = grad.shape[1]
             old = codes[:, i, m]  # [c], the same in every hypothesis (not visited yet)
-            old_part = F.embedding(old, codebooks[m]).mul_(scales[:, None])  # [c, go*gi], scaled
-            if xtx is None:
-                grad_without = grad + old_part[:, None]  # [c, b, go*gi]
-            else:
-                grad_without = grad + (old_part.view(c, 1, go, in_group_size) @ diag_blocks[i]).view(c, 1, group_dim)
-            # loss with the (i, m) part taken out: L + 2 s <g', c_old> - s^2 n_old
-            loss_without = (
-                loss
-                + 2 * (grad_without * old_part[:, None]).sum(-1)
-                - (s[:, :, 0].square() * norms[i, m][old][:, None])
-            )
-            # gain of code k = -(loss_without - 2 s <g', c_k> + s^2 n_k)
-            gain = torch.matmul(grad_without.mul_(2 * s), codebooks_t[m])  # [c, b, K]
-            gain.sub_((s[:, :, 0].square() * norms[i, m])[:, None]).sub_(loss_without[..., None])
-            pool = gain.view(c, b * codebook_size)
+            old_part = F.embedding(old, codebooks[m]).mul_(s)  # [c, go*gi], scaled
+            old_h = old_part if xtx is None else (old_part.view(c, go, in_group_size) @ diag_blocks[i]).view(c, -1)
+            grad_without = grad + old_h[:, None]  # [c, b, go*gi]: residual with the (i, m) part taken out, times H
+            # loss with the (i, m) part taken out: L + 2 s <g, c_old> + s^2 n_old
+            loss_without = loss + (2 * (grad * old_part[:, None]).sum(-1) + scales.square()[:, None] * norms[i, m][old][:, None])
+            # score of code k = -(loss_without - 2 s <g', c_k> + s^2 n_k) = [2 s g', -s^2] . [c_k; n_k] - loss_without
+            score_rows = torch.cat([grad_without * (2 * s[:, :, None]), minus_s2[:, None, None].expand(c, b, 1)], -1)
+            table = torch.cat([codebooks_t[m], norms[i, m][None]], 0)  # [go*gi + 1, K]
             new_b = min(beam_size, b * codebook_size)
-            if new_b == 1 < b * codebook_size:
-                top_gain, pick = pool.max(-1, keepdim=True)  # [c, 1]
-            elif new_b < b * codebook_size:
-                top_gain, pick = pool.topk(new_b, dim=-1, largest=True, sorted=False)  # [c, new_b]
-            else:
-                top_gain, pick = pool, torch.arange(b * codebook_size, device=device).expand(c, -1)
-            parent = torch.div(pick, codebook_size, rounding_mode="floor")  # [c, new_b]
-            new_code = pick - parent * codebook_size  # [c, new_b]
+            top_score, parent, new_code = _best_candidates(score_rows, table, loss_without.neg(), new_b, max_chunk_bytes)
             back_pointers.append((i, m, parent, new_code))
-            loss = top_gain.neg()
-            new_part = F.embedding(new_code, codebooks[m]).mul_(s)  # [c, new_b, go*gi], scaled
-            change = old_part[:, None] - new_part  # the residual at slice i grows by this
+            loss = top_score.neg()
+            new_part = F.embedding(new_code, codebooks[m]).mul_(s[:, :, None])  # [c, new_b, go*gi], scaled
+            change = old_part[:, None] - new_part  # the residual at group i grows by this
             if xtx is not None:
                 change = (change.view(c, new_b, go, in_group_size) @ diag_blocks[i]).view(c, new_b, group_dim)
-            grad = _take(grad, parent).add_(change)
-            group_parent = group_parent.gather(1, parent)
-            group_codes = _take(group_codes, parent)
+            if b == 1 and new_b == 1:
+                grad = grad + change
+                group_codes = group_codes.clone()
+            else:
+                grad = _take(grad, parent).add_(change)
+                group_parent = group_parent.gather(1, parent)
+                group_codes = _take(group_codes, parent)
             group_codes[:, :, m] = new_code
-        residual = _take(residual, group_parent)
-        exact = weight[:, None, :, lo:hi] - (parts(group_codes) * s).view(c, -1, go, in_group_size)
-        residual[..., lo:hi] = exact
+        if i + 1 < num_in_groups:
+            # leave group i: G over the columns still to visit, for the surviving hypotheses, plus
+            # (the residual change at group i) x (rows of H for group i, columns still to visit)
+            b_new = group_codes.shape[1]
+            lo, hi = i * in_group_size, (i + 1) * in_group_size
+            delta = parts(codes[:, i])[:, None] - parts(group_codes)  # [c, b_new, go*gi], unscaled
+            delta = delta.mul_(s[:, :, None]).view(c * b_new * go, in_group_size)
+            rest = remaining[..., in_group_size:]
+            rest = _take(rest, group_parent) if b_new > 1 or b > 1 else rest.contiguous()
+            rest.view(c * b_new * go, -1).addmm_(delta, xtx[lo:hi, hi:])
+            remaining = rest
 
     best = loss.argmin(1)  # [c]
-    best_residual = residual[rows, best]  # [c, go, in]
     new_codes = codes.clone()
     pointer = best
     for i, m, parent, new_code in reversed(back_pointers):
         new_codes[:, i, m] = new_code[rows, pointer]
         pointer = parent[rows, pointer]
-    best_loss = _row_losses(best_residual, xtx)  # exact, [c]
+    _, best_loss = losses(residual_of(new_codes))  # exact, [c]
     keep_old = best_loss >= loss0
     return torch.where(keep_old[:, None, None], codes, new_codes)
 
@@ -210,7 +241,8 @@ def beam_search_codes(
         beam_size: hypotheses kept per output group (per weight group when `xtx` is None).
         generator: CPU generator for the visiting order of input groups and codebooks.
         max_chunk_bytes: memory knob: output groups are searched in chunks whose beam tensors
-            (residuals and candidate scores) take about this many bytes.
+            (residual gradients and candidate scores) take about this many bytes; score tiles are
+            bounded by it too.
 
     Returns:
         [num_out_groups, num_in_groups, num_codebooks] int64 codes; per output group the objective is
@@ -233,24 +265,25 @@ def beam_search_codes(
         )
         problem_codes = codes.reshape(num_out_groups * num_in_groups, 1, num_codebooks)
         problem_scales = scales.repeat_interleave(num_in_groups)
-        xtx_cols = diag_blocks = None
-        in_order = [0]
+        diag_blocks = None
+        order = None
         cb_order = [torch.randperm(num_codebooks, generator=generator).tolist()]
     else:
-        problem_weight = weight.reshape(num_out_groups, out_group_size, -1)
-        problem_codes = codes
+        order = torch.randperm(num_in_groups, generator=generator).to(weight.device)  # visiting order
+        cb_order = torch.rand(num_in_groups, num_codebooks, generator=generator).argsort(-1)[order.cpu()].tolist()
+        columns = (order[:, None] * in_group_size + torch.arange(in_group_size, device=weight.device)).reshape(-1)
+        xtx = xtx.index_select(0, columns).index_select(1, columns)  # [in, in] in visiting order
+        problem_weight = weight.index_select(1, columns).reshape(num_out_groups, out_group_size, -1)
+        problem_codes = codes.index_select(1, order)
         problem_scales = scales
-        blocks = xtx.reshape(-1, num_in_groups, in_group_size)  # [in, I, gi]
-        xtx_cols = blocks.permute(1, 0, 2).contiguous()  # [I, in, gi]
         diag_blocks = torch.stack(
-            [xtx_cols[i, i * in_group_size : (i + 1) * in_group_size] for i in range(num_in_groups)]
-        )
-        in_order = torch.randperm(num_in_groups, generator=generator).tolist()
-        cb_order = torch.rand(num_in_groups, num_codebooks, generator=generator).argsort(-1).tolist()
+            [xtx[i * in_group_size : (i + 1) * in_group_size, i * in_group_size : (i + 1) * in_group_size]
+             for i in range(num_in_groups)]
+        )  # [I, gi, gi]
     norms = _gram_norms(codebooks, diag_blocks)  # [I or 1, M, K]
 
     num_problems, _, width = problem_weight.shape
-    bytes_per_group = 4 * beam_size * (3 * out_group_size * width + 2 * codebook_size)  # residuals, scores
+    bytes_per_group = 4 * beam_size * (2 * out_group_size * width + min(codebook_size, MAX_TILE_COLUMNS))
     chunk = max(1, min(num_problems, max_chunk_bytes // bytes_per_group))
     out = torch.empty_like(problem_codes)
     for lo in range(0, num_problems, chunk):
@@ -262,11 +295,12 @@ def beam_search_codes(
             flat_codebooks,
             codebooks_t,
             xtx,
-            xtx_cols,
             diag_blocks,
             norms,
-            in_order,
             cb_order,
             beam_size,
+            max_chunk_bytes,
         )
+    if order is not None:
+        out = torch.empty_like(out).index_copy_(1, order, out)  # back to the stored order of input groups
     return out.reshape(num_out_groups, num_in_groups, num_codebooks)

@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .beam_search import DEFAULT_CHUNK_BYTES as BEAM_CHUNK_BYTES
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+CG_ITERATIONS_PER_SCALE_SOLVE = 5  # "cg" update: conjugate-gradient iterations between closed-form scale solves
+KMEANS_TOLERANCE = 1e-3  # stop k-means once an iteration lowers its squared error by less than this (relative)
 ADAM_BETAS = (0.0, 0.95)  # no first-moment averaging: the codes change under the codebooks every round
 ADAM_AMSGRAD = True
 
@@ -164,6 +167,162 @@ def _adam_steps(
     return loss_value
 
 
+class _CodeOperator:
+    """The linear map from codebooks to the weight for fixed codes, Ŵ = s ⊙ A(C), and its adjoint.
+
+    Shapes: codes [O, I, M]; codebooks [M*K, go*gi] (flat); scales [O]; weights [out, in].
+    """
+
+    def __init__(self, codes: torch.Tensor, codebook_size: int, out_group_size: int, in_group_size: int):
+        self.num_out_groups, self.num_in_groups, self.num_codebooks = codes.shape
+        self.codebook_size = codebook_size
+        self.out_group_size, self.in_group_size = out_group_size, in_group_size
+        offsets = torch.arange(self.num_codebooks, device=codes.device) * codebook_size
+        self.index = (codes + offsets).reshape(-1, self.num_codebooks)  # [O*I, M] rows of the flat codebooks
+        self.per_codebook = self.index.T.contiguous()  # [M, O*I]
+
+    def apply(self, flat_codebooks: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        """[M*K, go*gi] -> [out, in]; scales [O] or None (unscaled)."""
+        groups = F.embedding_bag(self.index, flat_codebooks, mode="sum")  # [O*I, go*gi]
+        groups = groups.view(self.num_out_groups, self.num_in_groups, self.out_group_size, self.in_group_size)
+        if scales is not None:
+            groups = groups * scales.view(-1, 1, 1, 1)
+        return groups.transpose(1, 2).reshape(
+            self.num_out_groups * self.out_group_size, self.num_in_groups * self.in_group_size
+        )
+
+    def adjoint(self, matrix: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """[out, in] -> [M*K, go*gi]: Σ over the groups using each codeword of scale · that group of `matrix`."""
+        groups = matrix.view(self.num_out_groups, self.out_group_size, self.num_in_groups, self.in_group_size)
+        groups = (groups * scales.view(-1, 1, 1, 1)).transpose(1, 2).reshape(self.index.shape[0], -1)
+        out = torch.zeros(
+            self.num_codebooks * self.codebook_size, groups.shape[1], dtype=matrix.dtype, device=matrix.device
+        )
+        for m in range(self.num_codebooks):
+            out.index_add_(0, self.per_codebook[m], groups)
+        return out
+
+    def block_preconditioner(self, scales: torch.Tensor, diag_blocks: torch.Tensor | None) -> torch.Tensor:
+        """Inverse of the block diagonal of AᵀsHsA per codeword: [M*K, gi, gi] (the same for its go rows).
+
+        Block of codeword k: Σ over the (o, i) that use it of s_o² H_ii (identity blocks when H is None).
+        """
+        in_group_size = self.in_group_size
+        weights = scales.square().repeat_interleave(self.num_in_groups)  # [O*I]
+        if diag_blocks is None:
+            contributions = weights[:, None]  # [O*I, 1]: multiples of the identity
+        else:
+            contributions = (weights.view(self.num_out_groups, self.num_in_groups, 1) * diag_blocks.reshape(
+                1, self.num_in_groups, -1)).reshape(-1, in_group_size * in_group_size)  # [O*I, gi*gi]
+        blocks = torch.zeros(
+            self.num_codebooks * self.codebook_size, contributions.shape[1], dtype=scales.dtype, device=scales.device
+        )
+        for m in range(self.num_codebooks):
+            blocks.index_add_(0, self.per_codebook[m], contributions)
+        eye = torch.eye(in_group_size, dtype=scales.dtype, device=scales.device)
+        if diag_blocks is None:
+            blocks = blocks[:, :, None] * eye
+        blocks = blocks.view(-1, in_group_size, in_group_size)
+        size = blocks.diagonal(dim1=-2, dim2=-1).mean(-1)  # [M*K]
+        unused = size <= 0  # a codeword no group uses: no curvature, and no gradient either
+        ridge = torch.where(unused, torch.ones_like(size), 1e-6 * size)
+        return torch.linalg.inv(blocks + ridge[:, None, None] * eye)
+
+
+def _codebook_update_cg(
+    weight: torch.Tensor,
+    weight_h: torch.Tensor,
+    xtx: torch.Tensor | None,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    iterations: int,
+    denominator: float,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Minimise the output error over codebooks and scales for fixed codes (the "cg" codebook update).
+
+    For fixed codes Ŵ = s ⊙ A(C) is linear in the codebooks C and, per output group, in its scale s_o, so:
+    every `CG_ITERATIONS_PER_SCALE_SOLVE` iterations the scales are solved in closed form
+    (s_o = <W_o, U_o H> / <U_o, U_o H> with U = A(C)), then conjugate gradient, preconditioned with the
+    per-codeword blocks of the Hessian (Σ s_o² H_ii over the groups using a codeword), runs on the
+    quadratic in C. Each iteration costs one [out, in] x [in, in] product (none without xtx).
+
+    Args:
+        weight: [out, in] float32; weight_h: weight @ xtx (weight itself when xtx is None);
+        xtx: [in, in] float32 or None (identity); codes: [O, I, M] int64;
+        codebooks: [M, K, go, gi] and scales: [O, 1, 1, 1] float32 (not modified).
+        iterations: conjugate-gradient iterations (0 still solves the scales once).
+        denominator: normalisation of the reported loss.
+
+    Returns:
+        new codebooks, new scales (same shapes) and the relative loss after the first scale solve;
+        raises FloatingPointError when that loss is non-finite.
+    """
+    num_out_groups, num_in_groups, _ = codes.shape
+    num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
+    operator = _CodeOperator(codes, codebook_size, out_group_size, in_group_size)
+    flat = codebooks.detach().reshape(num_codebooks * codebook_size, -1).clone()  # [M*K, go*gi]
+    group_scales = scales.detach().reshape(num_out_groups).clone()  # [O]
+    diag_blocks = None
+    if xtx is not None:
+        diag_blocks = torch.stack(
+            [xtx[i * in_group_size : (i + 1) * in_group_size, i * in_group_size : (i + 1) * in_group_size]
+             for i in range(num_in_groups)]
+        )  # [I, gi, gi]
+
+    def times_h(matrix: torch.Tensor) -> torch.Tensor:
+        return matrix if xtx is None else matrix @ xtx
+
+    def per_group(matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(num_out_groups, -1).sum(-1, dtype=torch.float64)
+
+    loss_value = None
+    done = 0
+    while done < iterations or loss_value is None:
+        unscaled = operator.apply(flat, None)  # [out, in]
+        unscaled_h = times_h(unscaled)
+        numerator, curvature = per_group(unscaled_h * weight), per_group(unscaled_h * unscaled)
+        solved = (numerator / curvature.clamp_min(torch.finfo(torch.float64).tiny)).to(group_scales.dtype)
+        group_scales = torch.where(curvature > 0, solved, group_scales)
+        row_scales = group_scales.repeat_interleave(out_group_size)[:, None]  # [out, 1]
+        residual_h = weight_h - unscaled_h * row_scales  # (W - Ŵ) H
+        if loss_value is None:
+            loss = (residual_h * (weight - unscaled * row_scales)).sum(dtype=torch.float64) / denominator
+            loss_value = float(loss)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"AQLM codebook update: the loss is {loss_value}")
+        steps = min(CG_ITERATIONS_PER_SCALE_SOLVE, iterations - done)
+        if steps <= 0:
+            break
+        inverse_blocks = operator.block_preconditioner(group_scales, diag_blocks)  # [M*K, gi, gi]
+
+        def precondition(vector: torch.Tensor) -> torch.Tensor:
+            return (vector.view(-1, out_group_size, in_group_size) @ inverse_blocks).view_as(vector)
+
+        gradient = operator.adjoint(residual_h, group_scales)  # minus the gradient of ½ loss, [M*K, go*gi]
+        direction = precondition(gradient)
+        dot = (gradient * direction).sum(dtype=torch.float64)
+        for _ in range(steps):
+            if dot <= 0:
+                break
+            curved = operator.adjoint(times_h(operator.apply(direction, group_scales)), group_scales)
+            step = dot / (direction * curved).sum(dtype=torch.float64)
+            if not torch.isfinite(step):
+                break
+            flat.add_(direction, alpha=float(step))
+            gradient.sub_(curved, alpha=float(step))
+            preconditioned = precondition(gradient)
+            new_dot = (gradient * preconditioned).sum(dtype=torch.float64)
+            direction = preconditioned.add_(direction, alpha=float(new_dot / dot))
+            dot = new_dot
+        done += steps
+    return (
+        flat.view(num_codebooks, codebook_size, out_group_size, in_group_size),
+        group_scales.view(num_out_groups, 1, 1, 1),
+        loss_value,
+    )
+
+
 def quantize_weight(
     weight: torch.Tensor,
     xtx: torch.Tensor | None = None,
@@ -227,6 +386,7 @@ def quantize_weight(
             generator=generator,
             max_iters=spec.kmeans_iters,
             max_chunk_bytes=kmeans_bytes,
+            tolerance=KMEANS_TOLERANCE,
         )
         codebooks = codebooks.reshape(num_codebooks, codebook_size, out_group_size, in_group_size).contiguous()
         codes = codes.reshape(num_out_groups, num_in_groups, num_codebooks)  # int64 in [0, K)
@@ -247,15 +407,28 @@ def quantize_weight(
     )
 
     best = (error, codes, codebooks.clone(), scales.clone())
-    codebooks.requires_grad_(True)
-    scales.requires_grad_(True)
-    optimizer = torch.optim.Adam([codebooks, scales], lr=spec.codebook_lr, betas=ADAM_BETAS, amsgrad=ADAM_AMSGRAD)
+    use_adam = spec.codebook_optimizer == "adam"
+    if use_adam:
+        codebooks.requires_grad_(True)
+        scales.requires_grad_(True)
+        optimizer = torch.optim.Adam(
+            [codebooks, scales], lr=spec.codebook_lr, betas=ADAM_BETAS, amsgrad=ADAM_AMSGRAD
+        )
+    else:
+        with torch.no_grad():
+            weight_h = weight if xtx32 is None else weight @ xtx32  # [out, in], fixed for the whole run
     epochs_run = 0
     progress = tqdm(range(spec.max_epochs), desc="AQLM rounds", leave=False)
     for epoch in progress:
         round_started = time.perf_counter()
-        _adam_steps(weight, xtx32, codes, codebooks, scales, optimizer, spec.steps_per_epoch, objective.denominator)
-        adam_seconds = time.perf_counter() - round_started
+        if use_adam:
+            _adam_steps(weight, xtx32, codes, codebooks, scales, optimizer, spec.steps_per_epoch, objective.denominator)
+        else:
+            with torch.no_grad():
+                codebooks, scales, _ = _codebook_update_cg(
+                    weight, weight_h, xtx32, codes, codebooks, scales, spec.steps_per_epoch, objective.denominator
+                )
+        update_seconds = time.perf_counter() - round_started
         with torch.no_grad():
             codes = beam_search_codes(
                 weight,
@@ -272,11 +445,11 @@ def quantize_weight(
             raise FloatingPointError(f"AQLM round {epoch + 1}: the objective is {new_error}")
         epochs_run = epoch + 1
         logger.info(
-            "AQLM round %d: rel. error %.5f (adam %.1f s, beam search %.1f s)",
+            "AQLM round %d: rel. error %.5f (codebook update %.1f s, beam search %.1f s)",
             epochs_run,
             new_error,
-            adam_seconds,
-            time.perf_counter() - round_started - adam_seconds,
+            update_seconds,
+            time.perf_counter() - round_started - update_seconds,
         )
         progress.set_postfix(error=f"{new_error:.5f}")
         gain = (error - new_error) / error if error > 0 else 0.0

@@ -1,8 +1,11 @@
 """k-means on small vectors, and the residual k-means initialisation of additive codebooks.
 
 Pure functions: tensors in, tensors out, every random draw from an explicit `torch.Generator`.
-The memory knob `max_chunk_bytes` bounds the [rows, k] score matrix built per step of the nearest-
-centroid search; smaller chunks also keep it in cache, which is what makes the search fast.
+The memory knob `max_chunk_bytes` bounds the [rows, columns] score tile built per step of the nearest-
+centroid search (`max_inner_product`); tiles that stay in cache are what make the search fast, also
+over a 65,536-entry codebook. The speed knob of the fit is `tolerance`: stop once an iteration gains less.
+(Fitting on a random sample of the groups was tried and left out: on the public 1024x1024 problem a
+64-points-per-centroid sample made the k-means fit 5% worse and the error after three rounds 9% worse.)
 """
 
 from __future__ import annotations
@@ -10,10 +13,55 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
+MAX_TILE_COLUMNS = 4096  # candidates scored per tile: wide enough for few Python steps, narrow enough for cache
 
 
-def _rows_per_chunk(num_rows: int, k: int, max_chunk_bytes: int) -> int:
-    return max(1, min(num_rows, max_chunk_bytes // (4 * k)))
+def _tile_shape(num_rows: int, num_cols: int, max_chunk_bytes: int) -> tuple[int, int]:
+    cols = min(num_cols, MAX_TILE_COLUMNS)
+    return max(1, min(num_rows, max_chunk_bytes // (4 * cols))), cols
+
+
+@torch.no_grad()
+def max_inner_product(
+    queries: torch.Tensor, table: torch.Tensor, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row, the largest entry of ``queries @ table`` and its column, without building the product.
+
+    The [rows, columns] score tiles are at most `max_chunk_bytes` (and `MAX_TILE_COLUMNS` wide), so a
+    search over many candidates (a 65,536-entry codebook) stays in cache.
+
+    Args:
+        queries: [num_queries, dim] float.
+        table: [dim, num_candidates] float, same dtype.
+        max_chunk_bytes: bound on one score tile.
+
+    Returns:
+        values [num_queries] and indices [num_queries] int64; ties go to the lowest column.
+    """
+    num_queries, num_candidates = queries.shape[0], table.shape[1]
+    rows, cols = _tile_shape(num_queries, num_candidates, max_chunk_bytes)
+    values = torch.empty(num_queries, dtype=queries.dtype, device=queries.device)
+    indices = torch.empty(num_queries, dtype=torch.int64, device=queries.device)
+    for start in range(0, num_queries, rows):
+        block = queries[start : start + rows]
+        best_value, best_index = (block @ table[:, :cols]).max(-1)
+        for lo in range(cols, num_candidates, cols):
+            value, index = (block @ table[:, lo : lo + cols]).max(-1)
+            better = value > best_value  # strict: an earlier column keeps a tie
+            best_value = torch.where(better, value, best_value)
+            best_index = torch.where(better, index + lo, best_index)
+        values[start : start + rows] = best_value
+        indices[start : start + rows] = best_index
+    return values, indices
+
+
+def _search_table(centroids: torch.Tensor) -> torch.Tensor:
+    """[k, dim] centroids -> [dim + 1, k] table whose product with [x, 1] is x.c - ||c||^2 / 2."""
+    return torch.cat([centroids.T, centroids.square().sum(-1).mul_(-0.5)[None]], dim=0).contiguous()
+
+
+def _with_ones(data: torch.Tensor) -> torch.Tensor:
+    return torch.cat([data, torch.ones_like(data[:, :1])], dim=1)
 
 
 @torch.no_grad()
@@ -25,23 +73,13 @@ def nearest_centroids(
     Args:
         data: [num_points, dim] float.
         centroids: [k, dim] float, same dtype as `data`.
-        max_chunk_bytes: bound on the [rows, k] score block computed at once.
+        max_chunk_bytes: bound on the [rows, columns] score tile computed at once.
 
     Returns:
         [num_points] int64 in [0, k); ties go to the lowest index.
     """
-    num_points = data.shape[0]
-    k = centroids.shape[0]
     # argmin ||x - c||^2 = argmax (x.c - ||c||^2 / 2)
-    half_sq_norms = centroids.square().sum(-1).mul_(0.5)  # [k]
-    centroids_t = centroids.T.contiguous()  # [dim, k]
-    out = torch.empty(num_points, dtype=torch.int64, device=data.device)
-    step = _rows_per_chunk(num_points, k, max_chunk_bytes)
-    for start in range(0, num_points, step):
-        block = data[start : start + step]
-        scores = torch.addmm(half_sq_norms, block, centroids_t, beta=-1.0)  # [rows, k]
-        out[start : start + step] = scores.argmax(-1)
-    return out
+    return max_inner_product(_with_ones(data), _search_table(centroids), max_chunk_bytes=max_chunk_bytes)[1]
 
 
 def _initial_centroids(data: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -65,8 +103,12 @@ def kmeans(
     generator: torch.Generator,
     max_iters: int = 100,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    tolerance: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means, started from random data points; stops early once no assignment changes.
+    """Lloyd's k-means, started from random data points.
+
+    Stops early once no assignment changes, or once an iteration lowers the sum of squared distances
+    by less than `tolerance` (relative).
 
     Args:
         data: [num_points, dim] float32/float64.
@@ -74,6 +116,7 @@ def kmeans(
         generator: CPU generator for the initial centroids (same generator state -> same result).
         max_iters: most Lloyd iterations (0 returns the initial centroids and their assignment).
         max_chunk_bytes: memory knob of the nearest-centroid search (see module docstring).
+        tolerance: relative decrease of the squared error below which the iterations stop (0: never).
 
     Returns:
         centroids [k, dim] (dtype of `data`; a centroid that loses all its points keeps its last value),
@@ -85,17 +128,29 @@ def kmeans(
         raise ValueError("`data` has no points")
     if k < 1:
         raise ValueError(f"`k` must be >= 1, got {k}")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"`tolerance` must be in [0, 1), got {tolerance}")
+    augmented = _with_ones(data)  # [num_points, dim + 1]
+    total_square = float(data.double().square().sum())
     centroids = _initial_centroids(data, k, generator)  # [k, dim]
-    assignment = nearest_centroids(data, centroids, max_chunk_bytes=max_chunk_bytes)  # [num_points]
+    best, assignment = max_inner_product(augmented, _search_table(centroids), max_chunk_bytes=max_chunk_bytes)
+    error = total_square - 2 * float(best.double().sum())
     for _ in range(max_iters):
         counts = torch.bincount(assignment, minlength=k)  # [k]
         sums = torch.zeros_like(centroids).index_add_(0, assignment, data)  # [k, dim]
         nonempty = counts > 0
         centroids = torch.where(nonempty[:, None], sums / counts.clamp_min(1)[:, None].to(data.dtype), centroids)
-        new_assignment = nearest_centroids(data, centroids, max_chunk_bytes=max_chunk_bytes)
+        best, new_assignment = max_inner_product(
+            augmented, _search_table(centroids), max_chunk_bytes=max_chunk_bytes
+        )
+        new_error = total_square - 2 * float(best.double().sum())
         if torch.equal(new_assignment, assignment):
             break
         assignment = new_assignment
+        converged = error - new_error <= tolerance * max(error, 0.0)
+        error = new_error
+        if converged:
+            break
     return centroids, assignment
 
 
@@ -108,6 +163,7 @@ def residual_kmeans_init(
     generator: torch.Generator,
     max_iters: int = 100,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    tolerance: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial additive codebooks: k-means on the groups, then on what the first codebook leaves, and so on.
 
@@ -116,7 +172,7 @@ def residual_kmeans_init(
         num_codebooks: M, codebooks fitted one after another on the running residual.
         codebook_size: K = 2^B entries per codebook.
         generator: CPU generator shared by the M k-means runs (in order).
-        max_iters, max_chunk_bytes: passed to `kmeans`.
+        max_iters, max_chunk_bytes, tolerance: passed to `kmeans`.
 
     Returns:
         codebooks [num_codebooks, codebook_size, group_dim] (dtype of `groups`),
@@ -126,7 +182,12 @@ def residual_kmeans_init(
     codebooks, codes = [], []
     for _ in range(num_codebooks):
         centroids, assignment = kmeans(
-            residual, codebook_size, generator=generator, max_iters=max_iters, max_chunk_bytes=max_chunk_bytes
+            residual,
+            codebook_size,
+            generator=generator,
+            max_iters=max_iters,
+            max_chunk_bytes=max_chunk_bytes,
+            tolerance=tolerance,
         )
         residual -= centroids[assignment]
         codebooks.append(centroids)

@@ -241,15 +241,34 @@ def test_beam_search_never_worse_per_row_and_chunking_agrees(use_xtx, problem):
     torch.testing.assert_close(chunked_after, after, rtol=1e-4, atol=1e-6)
 
 
-def test_beam_search_single_codebook_finds_nearest_codeword():
+@pytest.mark.parametrize("codebook_size", [16, 5000], ids=["K16", "K5000-two-score-tiles"])
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_beam_search_single_codebook_finds_nearest_codeword(codebook_size, beam_size):
     """With one codebook and no coupling (identity xtx or data-free), the optimum is the nearest codeword."""
-    weight, codes, codebooks, scales = _random_state(3, num_codebooks=1)
+    weight, codes, codebooks, scales = _random_state(3, num_codebooks=1, codebook_size=codebook_size)
     scaled_groups = (weight / scales.view(-1, 1)).reshape(-1, 8)
     expected = nearest_centroids(scaled_groups, codebooks[0, :, 0]).view(16, 4, 1)
-    data_free = beam_search_codes(weight, codes, codebooks, scales, None, beam_size=2, generator=_gen(0))
-    identity = beam_search_codes(weight, codes, codebooks, scales, torch.eye(32), beam_size=2, generator=_gen(0))
+    data_free = beam_search_codes(weight, codes, codebooks, scales, None, beam_size=beam_size, generator=_gen(0))
+    identity = beam_search_codes(
+        weight, codes, codebooks, scales, torch.eye(32), beam_size=beam_size, generator=_gen(0)
+    )
     assert torch.equal(data_free, expected)
     assert torch.equal(identity, expected)
+
+
+def test_beam_search_score_tiles_agree_with_one_tile(monkeypatch, problem):
+    """Top-k per score tile and one merge keeps the same candidates as a top-k over all codes at once."""
+    import riverone_hf.quantizers.aq.beam_search as beam_module
+
+    weight, xtx = problem
+    _, codes, codebooks, scales = _random_state(6, out_features=64, in_features=128, codebook_size=64)
+    scales = scales * weight.norm(dim=1).view(-1, 1, 1, 1) / 3
+    xtx = xtx.float()
+    one_tile = beam_search_codes(weight, codes, codebooks, scales, xtx, beam_size=4, generator=_gen(0))
+    monkeypatch.setattr(beam_module, "MAX_TILE_COLUMNS", 16)  # 4 tiles of 16 codes
+    tiled = beam_search_codes(weight, codes, codebooks, scales, xtx, beam_size=4, generator=_gen(0))
+    errors = [float(_per_row_error(weight, c, codebooks, scales, xtx.double()).sum()) for c in (one_tile, tiled)]
+    assert errors[1] == pytest.approx(errors[0], rel=1e-5)
 
 
 def test_beam_search_wider_beam_is_not_worse_on_average(problem):
@@ -291,3 +310,63 @@ def test_hand_written_gradient_matches_autograd(use_xtx, problem):
     assert loss == pytest.approx(float(expected.detach()) / denominator, rel=1e-5)
     torch.testing.assert_close(recorder.grads[0], codebooks.grad, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(recorder.grads[1], scales.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("use_xtx", [False, True], ids=["data-free", "xtx"])
+def test_cg_codebook_update_beats_adam_and_solves_scales(use_xtx, problem):
+    """The "cg" update (closed-form scales + preconditioned CG on codebooks) lowers the loss for fixed codes
+    further than 100 Adam steps, leaves the codebooks near a stationary point, and its scale solve is exact."""
+    from riverone_hf.quantizers.aq.engine import _adam_steps, _codebook_update_cg
+    from riverone_hf.quantizers.aq.layout import dequantize
+
+    weight, xtx = problem
+    xtx = xtx.float() if use_xtx else None
+    g = _gen(9)
+    codebooks = 0.1 * torch.randn(2, 16, 2, 4, generator=g)
+    scales = weight.reshape(32, -1).norm(dim=1).view(32, 1, 1, 1) * (torch.rand(32, 1, 1, 1, generator=g) + 0.5)
+    codes = torch.randint(16, (32, 32, 2), generator=g)
+    weight_h = weight if xtx is None else weight @ xtx
+
+    def loss(cb, sc):
+        delta = (dequantize(codes, cb, sc) - weight).double()
+        return float(((delta @ xtx.double()) * delta).sum() if use_xtx else delta.square().sum())
+
+    start = loss(codebooks, scales)
+    new_codebooks, new_scales, reported = _codebook_update_cg(
+        weight, weight_h, xtx, codes, codebooks, scales, 40, 1.0
+    )
+    cg_loss = loss(new_codebooks, new_scales)
+
+    adam_codebooks, adam_scales = codebooks.clone().requires_grad_(True), scales.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([adam_codebooks, adam_scales], lr=1e-3, betas=(0.0, 0.95), amsgrad=True)
+    _adam_steps(weight, xtx, codes, adam_codebooks, adam_scales, optimizer, 100, 1.0)
+    adam_loss = loss(adam_codebooks.detach(), adam_scales.detach())
+    assert cg_loss < adam_loss < start
+    assert cg_loss <= reported * (1 + 1e-5)  # `reported` is the loss after the first scale solve
+
+    # near a stationary point in the codebooks: the gradient shrank by orders of magnitude
+    def codebook_grad_norm(cb, sc):
+        cb = cb.clone().requires_grad_(True)
+        delta = dequantize(codes, cb, sc) - weight
+        ((delta @ xtx) * delta if use_xtx else delta.square()).sum().backward()
+        return float(cb.grad.norm())
+
+    assert codebook_grad_norm(new_codebooks, new_scales) < 1e-2 * codebook_grad_norm(codebooks, scales)
+    # zero iterations: only the closed-form scales, which zero the gradient in the scales
+    same_codebooks, solved_scales, _ = _codebook_update_cg(weight, weight_h, xtx, codes, codebooks, scales, 0, 1.0)
+    assert torch.equal(same_codebooks, codebooks)
+    solved_scales = solved_scales.clone().requires_grad_(True)
+    delta = dequantize(codes, codebooks, solved_scales) - weight
+    ((delta @ xtx) * delta if use_xtx else delta.square()).sum().backward()
+    scale_grad = solved_scales.grad.abs().max() * solved_scales.detach().abs().max()
+    assert float(scale_grad) < 1e-4 * loss(codebooks, solved_scales.detach())
+
+
+def test_adam_codebook_optimizer_still_available(problem):
+    weight, xtx = problem
+    spec = AqlmSpec(**{**FAST, "max_epochs": 2, "codebook_optimizer": "adam"})
+    init_only = quantize_weight(weight, xtx, AqlmSpec(**{**FAST, "max_epochs": 0}), seed=0)
+    adam = quantize_weight(weight, xtx, spec, seed=0)
+    cg = quantize_weight(weight, xtx, AqlmSpec(**{**FAST, "max_epochs": 2}), seed=0)
+    errors = [relative_output_error(weight, q.dequantize(), xtx) for q in (init_only, adam, cg)]
+    assert errors[2] < errors[1] < errors[0]

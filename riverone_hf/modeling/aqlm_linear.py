@@ -10,8 +10,12 @@ Forward paths, chosen per call:
   - gradients wanted for codebooks/scales (PV-Tuning), or no kernel fits: the differentiable
     `dequantize()` + `F.linear`;
   - CUDA: the `aqlm` package's CUDA/Triton kernels (its kernel selector);
-  - CPU: dequantize + matmul; the stored codes are never permuted in place (the `aqlm` package's
-    CPU kernel does that, and races with more than one numba thread).
+  - CPU: riverone's own kernels (`cpu_kernels.py`: lookup tables for 8-bit codebooks at decode,
+    register-rebuilt groups, blocked GEMM, or dequantize + MKL for long inputs), prepared once per
+    module and refreshed when the parameters change; the stored codes are never permuted in place (the
+    `aqlm` package's CPU kernel does that, and races with more than one numba thread). Set
+    `cache_dense_weight = True` on a module to keep its dequantized fp32 weight for long inputs
+    (4 bytes per weight: trades memory for prefill speed).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantizers.aq.layout import QuantizedWeight, code_dtype, dequantize
+from .cpu_kernels import cpu_matmul, prepare_cpu_kernel
 
 # The aqlm package switches from its matrix-vector to its matrix-matrix kernels above this many rows.
 _AQLM_GEMV_MAX_ROWS = 6
@@ -68,6 +73,8 @@ class AqlmLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.cache_dense_weight = False
+        self._cpu_prepared = None  # (source tensors, prepared CPU kernel or None), built on first CPU call
 
     @classmethod
     def from_quantized(cls, quantized: QuantizedWeight, bias: torch.Tensor | None = None, dtype=None) -> AqlmLinear:
@@ -105,9 +112,25 @@ class AqlmLinear(nn.Module):
         return torch.is_grad_enabled() and (self.codebooks.requires_grad or self.scales.requires_grad)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.is_cuda and not self._wants_grad():
-            return self._aqlm_cuda_forward(input)
+        if not self._wants_grad():
+            if input.is_cuda:
+                return self._aqlm_cuda_forward(input)
+            prepared = self._cpu_kernel() if input.device.type == "cpu" else None
+            if prepared is not None:
+                return cpu_matmul(input, prepared, self.bias)
         return F.linear(input, self.dequantize().to(input.dtype), self.bias)
+
+    def _cpu_kernel(self):
+        """The prepared CPU kernel for the current parameters (None when no kernel runs here)."""
+        sources = (self.codes, self.codebooks, self.scales, self.cache_dense_weight)
+        cached = self._cpu_prepared
+        if cached is None or any(a is not b for a, b in zip(cached[0], sources)):
+            prepared = prepare_cpu_kernel(
+                self.codes.detach(), self.codebooks.detach(), self.scales.detach(),
+                cache_dense_weight=self.cache_dense_weight,
+            )
+            self._cpu_prepared = cached = (sources, prepared)
+        return cached[1]
 
     def _aqlm_cuda_forward(self, input: torch.Tensor) -> torch.Tensor:
         from aqlm.inference_kernels import get_forward_pass_kernel

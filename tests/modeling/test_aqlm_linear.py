@@ -70,3 +70,17 @@ def test_from_quantized_casts_dtype_and_keeps_codes():
 def test_bad_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="in_group_size"):
         AqlmLinear(60, 32, in_group_size=8, out_group_size=1, num_codebooks=1, nbits_per_codebook=8)
+
+
+def test_cpu_kernel_follows_parameter_updates():
+    layer = AqlmLinear.from_quantized(random_quantized(2, 8, 1, 8), bias=None)
+    x = torch.randn(1, 64)
+    layer(x)  # prepares the CPU kernel
+    with torch.no_grad():
+        layer.codebooks.mul_(2.0)  # in place, as an optimizer step would
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize()), rtol=1e-5, atol=1e-5)
+    layer.scales = torch.nn.Parameter(layer.scales.detach() * 3.0, requires_grad=False)  # replaced
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize()), rtol=1e-5, atol=1e-5)
+    layer.cache_dense_weight = True
+    x16 = torch.randn(64, 64)
+    torch.testing.assert_close(layer(x16), F.linear(x16, layer.dequantize()), rtol=1e-4, atol=1e-4)

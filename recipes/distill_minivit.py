@@ -28,7 +28,7 @@ from riverone_hf import RiverOneConfig
 from riverone_hf.fileio import atomic_output_dir, check_output_dir
 from riverone_hf.modeling.minivit import accounting
 from riverone_hf.modeling.vision_blocks import find_vision_tower
-from riverone_hf.pipeline import _SIDE_FILES
+from riverone_hf.pipeline import SIDE_FILES
 from riverone_hf.training import DistillConfig, distill_minivit, evaluate_distillation
 from riverone_hf.training.image_data import ImagePreprocessing, crop_batches, load_images
 
@@ -117,7 +117,7 @@ def run(args: RecipeArguments, config: DistillConfig):
 
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         student.save_pretrained(tmp)
-        for name in _SIDE_FILES:
+        for name in SIDE_FILES:
             if os.path.isfile(os.path.join(args.model, name)):
                 shutil.copy2(os.path.join(args.model, name), os.path.join(tmp, name))
     print(f"wrote {args.output_dir} (reload: import riverone_hf; {model_cls.__name__}.from_pretrained(...))")

@@ -15,7 +15,7 @@ from .fileio import atomic_output_dir, check_output_dir
 logger = logging.getLogger(__name__)
 
 # Tokenizer / processor / generation files copied next to a compressed checkpoint.
-_SIDE_FILES = (
+SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
     "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
@@ -45,7 +45,7 @@ def quantize_checkpoint(src: str, out: str, config: RiverOneConfig, dtype: torch
     model = model_cls.from_pretrained(src, quantization_config=config, dtype=dtype)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        for name in _SIDE_FILES:
+        for name in SIDE_FILES:
             if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
     return model

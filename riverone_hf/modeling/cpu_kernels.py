@@ -9,8 +9,10 @@ updates, see below), fp32 copies of the small codebooks/scales, and, for codeboo
 ONE re-laid-out copy of the codes (same size as the stored codes) for the lookup-table kernel.
 `prepare_cpu_kernel(..., cache_dense_weight=True)` also keeps the dequantized fp32 weight
 (4 bytes per weight: 8-16x the codes) and uses it for long prompts instead of rebuilding it per call.
-If the stored codes/codebooks/scales are modified in place (or re-assigned through `.data`),
-`cpu_matmul` notices it (tensor version counters) and rebuilds what it derived from them.
+If the stored codes/codebooks/scales are modified in place, `cpu_matmul` notices it (tensor version
+counters, which `.detach()` shares) and rebuilds what it derived from them; a `param.data = new`
+re-assignment is noticed only when the parameters themselves were passed (not `.detach()`ed views,
+which keep pointing at the old storage).
 
 Kernels (C++ built once per machine with `torch.utils.cpp_extension.load_inline`, cached under
 `$RIVERONE_HF_KERNEL_DIR` or `~/.cache/riverone_hf/cpu_kernels`, called through ctypes; threads are

@@ -172,6 +172,17 @@ def test_in_place_updates_of_the_sources_are_picked_up():
     assert prepared.is_current()
 
 
+@needs_kernels
+def test_parameters_reassigned_through_data_are_picked_up():
+    codes, codebooks, scales, bias = (torch.nn.Parameter(t, requires_grad=False) for t in make_weight(2, 8))
+    prepared = ck.prepare_cpu_kernel(codes, codebooks, scales)  # the parameters themselves, not .detach()
+    x = torch.randn(1, codes.shape[1] * 8)
+    new_codes, new_codebooks, new_scales, _ = make_weight(2, 8, seed=5)
+    codes.data, codebooks.data, scales.data = new_codes, new_codebooks, new_scales
+    assert not prepared.is_current()
+    assert_matches(ck.cpu_matmul(x, prepared, bias), F.linear(x, dequantize(new_codes, new_codebooks, new_scales), bias))
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv(ck.ENV_DISABLE, "1")
     codes, codebooks, scales, _ = make_weight(2, 8)

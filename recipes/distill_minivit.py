@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -25,10 +23,10 @@ from transformers import AutoConfig, HfArgumentParser
 
 import riverone_hf  # noqa: F401  (registers quant_method "riverone")
 from riverone_hf import RiverOneConfig
-from riverone_hf.fileio import atomic_output_dir, check_output_dir
+from riverone_hf.fileio import check_output_dir
 from riverone_hf.modeling.minivit import accounting
 from riverone_hf.modeling.vision_blocks import find_vision_tower
-from riverone_hf.pipeline import SIDE_FILES
+from riverone_hf.pipeline import save_with_side_files
 from riverone_hf.training import DistillConfig, distill_minivit, evaluate_distillation
 from riverone_hf.training.image_data import ImagePreprocessing, crop_batches, load_images
 
@@ -115,11 +113,7 @@ def run(args: RecipeArguments, config: DistillConfig):
         print(f"  {label}: total {losses.total:.6f} (prediction {losses.prediction:.6f}, "
               f"attention {losses.attention:.6f}, hidden {losses.hidden:.6f})")
 
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
-        student.save_pretrained(tmp)
-        for name in SIDE_FILES:
-            if os.path.isfile(os.path.join(args.model, name)):
-                shutil.copy2(os.path.join(args.model, name), os.path.join(tmp, name))
+    save_with_side_files(student, args.model, args.output_dir, overwrite=args.overwrite)
     print(f"wrote {args.output_dir} (reload: import riverone_hf; {model_cls.__name__}.from_pretrained(...))")
     return student, before, after
 

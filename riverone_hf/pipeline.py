@@ -36,6 +36,15 @@ def auto_model_class(path: str):
     return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
 
 
+def save_with_side_files(model, src: str, out: str, overwrite: bool = False) -> None:
+    """Save `model` to `out` atomically, with the tokenizer/processor/generation files of `src`."""
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        for name in SIDE_FILES:
+            if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(tmp, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+
+
 def quantize_checkpoint(src: str, out: str, config: RiverOneConfig, dtype: torch.dtype = torch.float32,
                         overwrite: bool = False):
     """Load the dense checkpoint `src` with `config`, then write the compressed model to `out` atomically."""
@@ -43,9 +52,5 @@ def quantize_checkpoint(src: str, out: str, config: RiverOneConfig, dtype: torch
     model_cls = auto_model_class(src)
     logger.info("loading %s with %s and quantization_config=%s", src, model_cls.__name__, config.to_dict())
     model = model_cls.from_pretrained(src, quantization_config=config, dtype=dtype)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        for name in SIDE_FILES:
-            if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(tmp, name)):
-                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+    save_with_side_files(model, src, out, overwrite)
     return model

@@ -93,8 +93,9 @@ def quantize_sequentially(model: nn.Module, names: list[str], windows: torch.Ten
             if accumulator.rows == 0:
                 logger.warning("no calibration text reaches %s; quantizing it data-free", name)
 
-    inputs = _capture_block_inputs(model, blocks[0], windows)
-    for index in tqdm(range(len(blocks)), desc="AQLM (calibrated blocks)", unit="block"):
+    last = max((i for i, block_names in by_block.items() if block_names), default=-1)
+    inputs = _capture_block_inputs(model, blocks[0], windows) if last >= 0 else []
+    for index in tqdm(range(last + 1), desc="AQLM (calibrated blocks)", unit="block"):
         block = blocks[index]
         if by_block[index]:
             with collect_xtx({n: model.get_submodule(n) for n in by_block[index]}) as accumulators:
@@ -103,7 +104,8 @@ def quantize_sequentially(model: nn.Module, names: list[str], windows: torch.Ten
             for name in by_block[index]:
                 logger.info("quantizing %s with XᵀX from %d rows", name, accumulators[name].rows)
                 quantize(name, accumulators[name].xtx())
-        inputs = [_with_hidden(args, kwargs, _run_block(block, args, kwargs)) for args, kwargs in inputs]
+        if index < last:  # blocks after the last quantized one need no inputs
+            inputs = [_with_hidden(args, kwargs, _run_block(block, args, kwargs)) for args, kwargs in inputs]
 
     for name in outside:
         quantize(name, outside_xtx[name])

@@ -7,7 +7,6 @@ for pre-quantized checkpoints."""
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 from torch import nn
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from ..config import SCHEME_FIELDS, AqlmSpec
 from ..modeling.aqlm_linear import AqlmLinear
 from .aq import quantize_weight
+from .targeting import is_claimed, linears_matching, tied_module_names
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,6 @@ def _decoder_prefix(model: nn.Module) -> str:
         f"{type(model).__name__} exposes no language-model decoder (`get_decoder()`); "
         "set `aqlm.target_modules` to the regexes of the Linears to quantize"
     )
-
-
-def _tied_module_names(model: nn.Module) -> set[str]:
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    return {key.removesuffix(".weight") for pair in tied.items() for key in pair}
 
 
 @dataclass
@@ -84,17 +79,11 @@ def plan_modules(model: nn.Module, spec: AqlmSpec, claimed: set[str] = frozenset
         prefix = _decoder_prefix(model) + "."
         in_scope = [name for name in linears if name.startswith(prefix)]
     else:
-        for pattern in spec.target_modules:
-            if not any(re.fullmatch(pattern, name) for name in linears):
-                raise ValueError(
-                    f"`aqlm.target_modules` pattern {pattern!r} matches no Linear (re.fullmatch on full "
-                    f"module names); examples of names: {list(linears)[:5]}"
-                )
-        in_scope = [name for name in linears if any(re.fullmatch(p, name) for p in spec.target_modules)]
-    tied = _tied_module_names(model)
+        in_scope = linears_matching(linears, spec.target_modules, "aqlm.target_modules")
+    tied = tied_module_names(model)
     plan = {}
     for name in in_scope:
-        if name in claimed:
+        if is_claimed(name, claimed):
             continue
         if not should_convert_module(name, spec.modules_to_not_convert):
             continue

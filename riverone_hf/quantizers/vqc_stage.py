@@ -20,7 +20,6 @@ entry under "report".
 from __future__ import annotations
 
 import logging
-import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..config import VqcSpec
 from ..modeling.vqc_circuit import require_pennylane
-from .aqlm_stage import _tied_module_names
+from .targeting import is_claimed, linears_matching, tied_module_names
 
 require_pennylane("The VQC stage (riverone `vqc` config or checkpoint)")
 
@@ -56,27 +55,17 @@ class VqcPlan:
         self.claimed = set(self.modules)
 
 
-def _taken(name: str, claimed: set[str]) -> bool:
-    return name in claimed or any(name.startswith(owner + ".") for owner in claimed)
-
-
 def plan_modules(model: nn.Module, spec: VqcSpec, claimed: set[str] = frozenset()) -> list[str]:
     """The Linears to swap. ValueError for a regex that matches no Linear, a tied Linear, a rank larger
     than a target's min(in, out), or when everything matched was claimed by an earlier stage."""
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for pattern in spec.target_modules:
-        if not any(re.fullmatch(pattern, name) for name in linears):
-            raise ValueError(
-                f"`vqc.target_modules` pattern {pattern!r} matches no Linear (re.fullmatch on full module names); "
-                f"examples of names: {list(linears)[:5]}"
-            )
-    matched = [name for name in linears if any(re.fullmatch(p, name) for p in spec.target_modules)]
-    selected = [name for name in matched if not _taken(name, claimed)]
+    matched = linears_matching(linears, spec.target_modules, "vqc.target_modules")
+    selected = [name for name in matched if not is_claimed(name, claimed)]
     if len(selected) < len(matched):
         logger.info("vqc: %d matched Linears belong to an earlier stage (minivit wins)", len(matched) - len(selected))
     if not selected:
         raise ValueError("every Linear matched by `vqc.target_modules` is already taken by the minivit stage")
-    tied = _tied_module_names(model) & set(selected)
+    tied = tied_module_names(model) & set(selected)
     if tied:
         raise ValueError(f"{sorted(tied)} share their weight with another module (tied); leave them out of `vqc.target_modules`")
     for name in selected:

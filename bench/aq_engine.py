@@ -10,15 +10,16 @@ Rows (`--rows`):
   shipped calibration text, Pride and Prejudice, collected with `collect_xtx` on the dense model):
     smol-2x8, smol-2x8-data-free, smol-rtn-g128
 
-Every timed run is a fresh child process (`torch.set_num_threads(--threads)`), so its peak RSS
-(`resource.getrusage(RUSAGE_SELF).ru_maxrss` of the child: Python + torch + the problem + the engine) is the
-peak of that run alone. Errors are those of the quantized weight: relative output error
-trace(ΔW XᵀX ΔWᵀ) / trace(W XᵀX Wᵀ) on the row's own XᵀX (also for the data-free rows, which never see it)
-and relative weight error ||ΔW||² / ||W||², both in float64. Bits/weight count codes at B bits and
-codebooks and scales as fp16 (how they are shipped), whatever dtype the engine returns them in. Before each
-run the script waits (up to `--max-wait` s) for the 1-minute load average to fall below `--max-load`, and it
-prints the load before and after every run: the machine is shared, and timings under load are not
-comparable. The same seed must give identical codes in every repeat; the table says whether it did.
+Every timed run is a fresh child process (`torch.set_num_threads(--threads)`), so its peak RSS (VmHWM of
+the child, i.e. its own ru_maxrss without what Linux carries over from the parent at fork + exec: Python +
+torch + the problem + the engine) is the peak of that run alone. Errors are those of the quantized weight:
+relative output error trace(ΔW XᵀX ΔWᵀ) / trace(W XᵀX Wᵀ) on the row's own XᵀX (also for the data-free
+rows, which never see it) and relative weight error ||ΔW||² / ||W||², both in float64. Bits/weight count
+codes at B bits and codebooks and scales as fp16 (how they are shipped), whatever dtype the engine returns
+them in. Before each run the script waits (up to `--max-wait` s) for the 1-minute load average to fall
+below `--max-load`, and it prints the load before and after every run: the machine is shared, and timings
+under load are not comparable. The same seed must give identical codes in every repeat; the table says
+whether it did.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ REFERENCE = {
 
 # The engine settings of each row; None fields keep the AqlmSpec defaults.
 ROWS = {
-    "2x8": dict(problem="public", calibrated=True, spec=dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8)),
+    "2x8": dict(
+        problem="public", calibrated=True, spec=dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8)
+    ),
     "2x8-data-free": dict(
         problem="public", calibrated=False, spec=dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8)
     ),
@@ -66,7 +69,9 @@ ROWS = {
         spec=dict(num_codebooks=1, nbits_per_codebook=16, in_group_size=8, beam_size=1, max_epochs=2, kmeans_iters=1),
     ),
     "rtn-g128": dict(problem="public", calibrated=False, rtn_group=128),
-    "smol-2x8": dict(problem="layer", calibrated=True, spec=dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8)),
+    "smol-2x8": dict(
+        problem="layer", calibrated=True, spec=dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8)
+    ),
     "smol-2x8-data-free": dict(
         problem="layer", calibrated=False, spec=dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8)
     ),
@@ -109,11 +114,20 @@ def wait_for_quiet(max_load: float, max_wait: float) -> float:
 
 
 def rtn_dequantized(weight, group: int):
-    """2-bit asymmetric min-max round-to-nearest, one scale and zero per `group` consecutive inputs of a row."""
+    """2-bit asymmetric round-to-nearest, one scale and one zero point per `group` consecutive inputs of a row.
+
+    The GPTQ-style quantizer (the range is widened to include 0, the zero point is an integer level):
+    scale = (max - min) / 3, zero = round(-min / scale), q = clamp(round(w / scale) + zero, 0, 3),
+    ŵ = scale (q - zero). It reproduces the reference's RTN row on the public problem exactly
+    (0.1591 / 0.328); plain min-max levels (zero = min) give 0.211 / 0.495 there.
+    """
     w = weight.reshape(-1, group)
-    low, high = w.min(-1, keepdim=True).values, w.max(-1, keepdim=True).values
-    step = (high - low).clamp_min(1e-12) / 3
-    return (((w - low) / step).round().clamp(0, 3) * step + low).reshape_as(weight)
+    low = w.min(-1, keepdim=True).values.clamp(max=0)
+    high = w.max(-1, keepdim=True).values.clamp(min=0)
+    scale = (high - low).clamp_min(1e-12) / 3
+    zero = (-low / scale).round()
+    q = ((w / scale).round() + zero).clamp(0, 3)
+    return (scale * (q - zero)).reshape_as(weight)
 
 
 # ---- data preparation (parent) ---------------------------------------------------------------------------
@@ -153,6 +167,23 @@ def prepare_layer(layer: str, samples: int, seq_len: int, out: Path) -> dict:
 # ---- one timed run (child) -------------------------------------------------------------------------------
 
 
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB: VmHWM of /proc/self/status.
+
+    The same figure as `resource.getrusage(RUSAGE_SELF).ru_maxrss`, except that Linux carries ru_maxrss over
+    fork + exec, so a child started by a parent holding a 1 GB model would report at least that; VmHWM
+    starts afresh at exec. Falls back to ru_maxrss where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(row: str, data: str, threads: int) -> None:
     import torch
     from safetensors.torch import load_file
@@ -165,7 +196,7 @@ def child(row: str, data: str, threads: int) -> None:
     config = ROWS[row]
     tensors = load_file(data)
     weight, xtx = tensors["W"], tensors["XTX"]
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_rss_mib()
     started, cpu_started = time.perf_counter(), time.process_time()
     if "rtn_group" in config:
         dequantized = rtn_dequantized(weight, config["rtn_group"])
@@ -193,7 +224,7 @@ def child(row: str, data: str, threads: int) -> None:
         "weight_error": relative_output_error(weight, dequantized),
         "wall": wall,
         "cpu": cpu,
-        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mib": peak_rss_mib(),
         "rss_before_mib": rss_before,
         "digest": codes_digest,
         "shape": list(weight.shape),
@@ -288,7 +319,7 @@ def main() -> None:
     print("\nreference figures: ../shared/aq_reference/REFERENCE.md (2-core Intel Xeon, 2 threads); for 2x8 the "
           "reference row is beam 8 / 3 epochs / 100 k-means iterations, for 1x16 beam 1 / 1 epoch / 1 k-means "
           "iteration.")
-    print("peak RSS: ru_maxrss of the child process that ran the row (whole process).")
+    print("peak RSS: VmHWM (= ru_maxrss, reset at exec) of the child process that ran the row, whole process.")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ a temporary directory, and time `AutoModelForCausalLM.from_pretrained(dense_dir,
 quantization_config=RiverOneConfig(aqlm={2x8 g8, calibration on the shipped Pride and Prejudice text}))`:
 that one call is the whole calibrated run (reading the checkpoint, the block-by-block calibration passes,
 XᵀX collection and the quantization of all 210 decoder Linears). Then the perplexity of the quantized model,
-and of round-to-nearest at about the same bits/weight: 2-bit asymmetric min-max RTN with one fp16 scale
-and one fp16 zero per `--rtn-group` consecutive inputs of a row, applied to the same Linears.
+and of round-to-nearest at about the same bits/weight: 2-bit asymmetric RTN (GPTQ-style,
+`aq_engine.rtn_dequantized`) with one fp16 scale and one fp16 zero per `--rtn-group` consecutive inputs of
+a row, applied to the same Linears.
 
 Perplexity: `riverone_hf.evaluation.perplexity`, the first `--eval-windows` non-overlapping windows of
 `--eval-seq-len` tokens of the evaluation text, exp(mean NLL) over the `seq_len - 1` predictions per window.

@@ -175,12 +175,14 @@ def _search_chunk(
             old_h = old_part if xtx is None else (old_part.view(c, go, in_group_size) @ diag_blocks[i]).view(c, -1)
             grad_without = grad + old_h[:, None]  # [c, b, go*gi]: residual with the (i, m) part taken out, times H
             # loss with the (i, m) part taken out: L + 2 s <g, c_old> + s^2 n_old
-            loss_without = loss + (2 * (grad * old_part[:, None]).sum(-1) + scales.square()[:, None] * norms[i, m][old][:, None])
+            loss_without = loss + 2 * (grad * old_part[:, None]).sum(-1) - (minus_s2 * norms[i, m][old])[:, None]
             # score of code k = -(loss_without - 2 s <g', c_k> + s^2 n_k) = [2 s g', -s^2] . [c_k; n_k] - loss_without
             score_rows = torch.cat([grad_without * (2 * s[:, :, None]), minus_s2[:, None, None].expand(c, b, 1)], -1)
             table = torch.cat([codebooks_t[m], norms[i, m][None]], 0)  # [go*gi + 1, K]
             new_b = min(beam_size, b * codebook_size)
-            top_score, parent, new_code = _best_candidates(score_rows, table, loss_without.neg(), new_b, max_chunk_bytes)
+            top_score, parent, new_code = _best_candidates(
+                score_rows, table, loss_without.neg(), new_b, max_chunk_bytes
+            )
             back_pointers.append((i, m, parent, new_code))
             loss = top_score.neg()
             new_part = F.embedding(new_code, codebooks[m]).mul_(s[:, :, None])  # [c, new_b, go*gi], scaled
@@ -269,7 +271,9 @@ def beam_search_codes(
         order = None
         cb_order = [torch.randperm(num_codebooks, generator=generator).tolist()]
     else:
-        order = torch.randperm(num_in_groups, generator=generator).to(weight.device)  # visiting order
+        # visiting order: the input groups with the most input energy (trace of H_ii) first, ties by index
+        importance = xtx.diagonal().reshape(num_in_groups, in_group_size).sum(-1)  # [I]
+        order = torch.sort(importance, descending=True, stable=True).indices
         cb_order = torch.rand(num_in_groups, num_codebooks, generator=generator).argsort(-1)[order.cpu()].tolist()
         columns = (order[:, None] * in_group_size + torch.arange(in_group_size, device=weight.device)).reshape(-1)
         xtx = xtx.index_select(0, columns).index_select(1, columns)  # [in, in] in visiting order

@@ -4,10 +4,15 @@ Objective: the output error trace((W - Ŵ) xtx (W - Ŵ)ᵀ) with xtx = XᵀX / n
 or the weight error ||W - Ŵ||² when xtx is None (data-free). The algorithm:
 
 1. scales: one per output group, the norm of its rows; the scaled weight groups are
-   initialised by residual k-means (`kmeans.residual_kmeans_init`);
-2. up to `max_epochs` rounds of: `steps_per_epoch` Adam steps on codebooks and scales with the
-   codes fixed, then a beam search over the codes with codebooks and scales fixed
-   (`beam_search.beam_search_codes`);
+   initialised by residual k-means (`kmeans.residual_kmeans_init`, at most `kmeans_iters` iterations,
+   stopping once an iteration gains less than `KMEANS_TOLERANCE`);
+2. up to `max_epochs` rounds of: a codebook update with the codes fixed, then a beam search over the
+   codes with codebooks and scales fixed (`beam_search.beam_search_codes`). The codebook update is
+   `codebook_optimizer="cg"` (default): for fixed codes Ŵ is linear in the codebooks and, per output
+   group, in its scale, so the scales are solved in closed form and the codebooks by preconditioned
+   conjugate gradient (`steps_per_epoch` iterations, one [out, in] x [in, in] product each), which
+   reaches in 5 iterations a lower error than 100 Adam steps; or `"adam"`: `steps_per_epoch` Adam steps
+   with `codebook_lr`, as the reference AQLM code does;
 3. stop once a round improves the objective by less than `relative_tolerance` (relative).
 
 The result is in the `aqlm` layout (`layout.QuantizedWeight`): float32 codebooks and scales, signed codes.
@@ -337,7 +342,7 @@ def quantize_weight(
         weight: [out_features, in_features] float tensor (cast to float32 for the work).
         xtx: [in_features, in_features] XᵀX / n of the layer's calibration inputs (float64 recommended),
             or None for the data-free weight objective.
-        spec: `AqlmSpec` (scheme, beam size, epochs, Adam steps, tolerance, lr, k-means iterations, seed);
+        spec: `AqlmSpec` (scheme, beam size, rounds, codebook update, tolerance, k-means iterations, seed);
             defaults to `AqlmSpec()`.
         seed: overrides `spec.seed`; the same seed gives bit-identical codes on the same machine/threads.
         max_chunk_bytes: memory knob for the k-means and beam-search working sets (per chunk of

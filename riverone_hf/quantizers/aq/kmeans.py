@@ -13,12 +13,33 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
+MAX_TILE_BYTES = 4 * 2**20  # score tiles beyond this leave the cache and get slower (2-core AMD EPYC, measured)
 MAX_TILE_COLUMNS = 4096  # candidates scored per tile: wide enough for few Python steps, narrow enough for cache
+ARGMAX_BLOCK = 64  # columns per block of the two-level row maximum (see `row_max`)
 
 
 def _tile_shape(num_rows: int, num_cols: int, max_chunk_bytes: int) -> tuple[int, int]:
     cols = min(num_cols, MAX_TILE_COLUMNS)
-    return max(1, min(num_rows, max_chunk_bytes // (4 * cols))), cols
+    return max(1, min(num_rows, min(max_chunk_bytes, MAX_TILE_BYTES) // (4 * cols))), cols
+
+
+def row_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores.max(-1)` (values, first index of the maximum) for a 2-D tensor, computed in two levels.
+
+    torch's CPU max-with-index over the last dimension is not vectorised (measured ~1.3 ns per element
+    against ~0.07 for the value-only `amax`), so: the value-only maximum of every block of `ARGMAX_BLOCK`
+    columns, the first block holding the row maximum, then the max-with-index inside that block only.
+    Same result as `scores.max(-1)`, ties included; 2-5x faster on [256-4096, 256-4096] tiles.
+    """
+    rows, cols = scores.shape
+    if cols < 2 * ARGMAX_BLOCK or cols % ARGMAX_BLOCK or not scores.is_contiguous():
+        return scores.max(-1)
+    num_blocks = cols // ARGMAX_BLOCK
+    blocks = scores.view(rows * num_blocks, ARGMAX_BLOCK)
+    block = scores.view(rows, num_blocks, ARGMAX_BLOCK).amax(-1).argmax(-1)  # [rows], first block with the max
+    inner = blocks.index_select(0, torch.arange(rows, device=scores.device) * num_blocks + block)  # [rows, block]
+    value, offset = inner.max(-1)
+    return value, block * ARGMAX_BLOCK + offset
 
 
 @torch.no_grad()
@@ -44,9 +65,9 @@ def max_inner_product(
     indices = torch.empty(num_queries, dtype=torch.int64, device=queries.device)
     for start in range(0, num_queries, rows):
         block = queries[start : start + rows]
-        best_value, best_index = (block @ table[:, :cols]).max(-1)
+        best_value, best_index = row_max(block @ table[:, :cols])
         for lo in range(cols, num_candidates, cols):
-            value, index = (block @ table[:, lo : lo + cols]).max(-1)
+            value, index = row_max(block @ table[:, lo : lo + cols])
             better = value > best_value  # strict: an earlier column keeps a tie
             best_value = torch.where(better, value, best_value)
             best_index = torch.where(better, index + lo, best_index)

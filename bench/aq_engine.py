@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from machine_info import machine  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -77,25 +77,6 @@ ROWS = {
     ),
     "smol-rtn-g128": dict(problem="layer", calibrated=False, rtn_group=128),
 }
-
-
-def machine() -> dict:
-    import torch
-
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    return {"cpu": model, "cores": cores, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def load_average() -> float:

@@ -28,7 +28,6 @@ os.environ["NUMBA_NUM_THREADS"] = "1"
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 import argparse  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -41,25 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from riverone_hf.modeling.cpu_kernels import cpu_kernels_available, cpu_matmul, prepare_cpu_kernel  # noqa: E402
 from riverone_hf.quantizers.aq.layout import dequantize, pack_codes  # noqa: E402
+from machine_info import machine  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 SHAPES = [(2560, 9728), (9728, 2560)]  # (in_features, out_features): Qwen3-4B up/gate and down projections
 
 
-def machine() -> str:
-    model, cores = "unknown CPU", os.cpu_count()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    return f"{model}, {cores} cores available ({platform.machine()}), torch {torch.__version__}"
+def machine_line() -> str:
+    info = machine()
+    return f"{info['cpu']}, {info['cores']} cores available ({info['arch']}), torch {info['torch']}"
 
 
 def aqlm_layer(codes, codebooks, scales):
@@ -182,7 +170,7 @@ def main() -> None:
             use_aqlm = False
 
     header = [
-        f"Machine: {machine()}",
+        f"Machine: {machine_line()}",
         f"torch.set_num_threads({args.threads}); aqlm numba kernel with NUMBA_NUM_THREADS=1; {args.layers} distinct "
         f"layers per timed pass; median of {repeats} interleaved repeats (clean ones preferred, see end); ms per "
         "layer; speed-up = dense / x",

@@ -89,9 +89,13 @@ class RiverOneHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
-        from .aqlm_stage import dequantize_model
+        from . import aqlm_stage
 
-        dequantize_model(model, dtype=dtype)
+        aqlm_stage.dequantize_model(model, dtype=dtype)
+        if any(entry.get("stage") == "vqc" for entry in self.quantization_config.quantization_map.values()):
+            from . import vqc_stage
+
+            vqc_stage.dequantize_model(model)
         return model
 
     def is_serializable(self, safe_serialization=None):

@@ -10,8 +10,9 @@ each per repeat, and the table gives the median time per layer and the speed-up 
 in the same run. The `aqlm` package runs its numba kernel (Kx8) with NUMBA_NUM_THREADS=1 -- the only
 setting where that kernel is correct (it races with more threads) -- on its own copy of the codes
 (it permutes them in place), in numba's workqueue threading layer (its default omp layer would
-set torch's OpenMP thread count to 1 process-wide); for 1x16 on CPU it dequantizes the whole weight on
-every call.
+set torch's OpenMP thread count to 1 process-wide) and with OPENBLAS_NUM_THREADS=1 (its table-building
+BLAS call would otherwise leave OpenBLAS threads spinning on the cores the next contender needs); for
+1x16 on CPU it dequantizes the whole weight on every call.
 Codes are random; codebooks are random fp16 values (as in published AQLM checkpoints); `err` is the
 max |y - y_ref| / max |y_ref| against `F.linear(x, dequantize(...))`.
 """
@@ -24,8 +25,12 @@ import os
 # NUMBA_THREADING_LAYER=workqueue: numba's default "omp" layer shares torch's libgomp and sets ITS thread
 # count (1) process-wide, so after one aqlm call torch itself would run on 1 thread (measured: torch 2.13,
 # numba 0.68) and the dense / riverone columns would silently be single-threaded.
+# OPENBLAS_NUM_THREADS=1: the aqlm numba kernel builds its table with a BLAS call through numpy/scipy's
+# OpenBLAS, whose worker threads then busy-wait for a while and take a core from whatever runs next
+# (measured: the riverone pass after an aqlm pass went from 1.1 to 2.5 ms per layer).
 os.environ["NUMBA_NUM_THREADS"] = "1"
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402

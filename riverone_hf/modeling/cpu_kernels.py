@@ -35,12 +35,11 @@ uses its dequantize + matmul path. `RIVERONE_HF_DISABLE_CPU_KERNELS=1` turns the
   dense more rows: the whole weight is dequantized (C++, in parallel) or taken from the opt-in cache,
         then `F.linear` (MKL/oneDNN) does the matmul, which is compute-bound at that size.
 
-Measured (AMD EPYC Zen 4, 2 cores, torch.set_num_threads(2), decode passes cycling over 10 distinct
-layers so that weights are not cache-resident, medians; see `python bench/kernels.py`):
-the table is in the report of the change that added this file and in BENCHMARKS.md when the bench
-writes it. In short, batch 1: 2x8 ~3-4x faster than dense fp32 `F.linear`, 1x8 ~5-8x, 1x16 ~1.5-2x;
-batch 16: 1.5-2x faster than dense (all schemes); versus the aqlm package's numba kernel (1 numba
-thread, where it is correct) 2-4x at batch 1.
+Measured (`python bench/kernels.py`, table in BENCHMARKS.md: 2-core AMD EPYC, torch.set_num_threads(2),
+decode passes cycling over 10 distinct layers so that weights are not cache-resident, medians of 7 repeats),
+against dense fp32 `F.linear` at 2560<->9728: batch 1, 2x8 4.7-5.8x faster, 1x8 9.7-11.6x, 1x16 (dd)
+2.7-3.2x; batch 16, 1.4-2.9x faster; against the aqlm package's numba kernel (1 numba thread, where it
+is correct) 2.9-4.9x faster at batch 1 for 2x8/1x8.
 
 Why these choices (single-thread CPU-time measurements on the same machine, 2560<->9728, batch 1):
   - building the lookup table with scalar loops cost 0.7-1.3 ms of the ~2 ms per call at 9728 inputs;
@@ -174,33 +173,34 @@ void build_lut(const float* x, const float* cbT, float* lut, int64_t j0, int64_t
   }
 }
 
-// acc[i] += sum_n L[n][codes[i][n]], rows i < rows, codes [rows][16]: two rows at a time, codes read
-// 8 bytes at once (~0.7 cycles per lookup on Zen 4; scalar adds beat AVX gathers there).
+// acc[i] += sum_n L[n][codes[i][n]], rows i < rows, codes [rows][16]: four rows at a time (8 add chains),
+// codes read 8 bytes at once: ~0.55 cycles per lookup on Zen 4, close to its 2 scalar adds per cycle
+// (AVX2/AVX-512 gathers were slower there).
 void lut_block16(const float* L, const uint8_t* codes, float* acc, int64_t rows) {
   constexpr int N = 16;
   int64_t i = 0;
-  for (; i + 1 < rows; i += 2) {
+  for (; i + 3 < rows; i += 4) {
     const uint8_t* c = codes + i * N;
-    float s[4] = {0.f, 0.f, 0.f, 0.f}, t[4] = {0.f, 0.f, 0.f, 0.f};
+    float s[4][2] = {};
 #pragma GCC unroll 2
     for (int w = 0; w < N / 8; ++w) {
-      uint64_t v, u;
-      std::memcpy(&v, c + 8 * w, 8);
-      std::memcpy(&u, c + N + 8 * w, 8);
+      uint64_t v[4];
+      for (int q = 0; q < 4; ++q) std::memcpy(&v[q], c + q * N + 8 * w, 8);
 #pragma GCC unroll 8
-      for (int b = 0; b < 8; ++b) {
-        s[b & 3] += L[(8 * w + b) * kTable + ((v >> (8 * b)) & 0xff)];
-        t[b & 3] += L[(8 * w + b) * kTable + ((u >> (8 * b)) & 0xff)];
-      }
+      for (int b = 0; b < 8; ++b)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) s[q][b & 1] += L[(8 * w + b) * kTable + ((v[q] >> (8 * b)) & 0xff)];
     }
-    acc[i] += (s[0] + s[1]) + (s[2] + s[3]);
-    acc[i + 1] += (t[0] + t[1]) + (t[2] + t[3]);
+    for (int q = 0; q < 4; ++q) acc[i + q] += s[q][0] + s[q][1];
   }
   for (; i < rows; ++i) {
     const uint8_t* c = codes + i * N;
-    float s = 0.f;
-    for (int n = 0; n < N; ++n) s += L[n * kTable + c[n]];
-    acc[i] += s;
+    float s0 = 0.f, s1 = 0.f;
+    for (int n = 0; n < N; n += 2) {
+      s0 += L[n * kTable + c[n]];
+      s1 += L[(n + 1) * kTable + c[n + 1]];
+    }
+    acc[i] += s0 + s1;
   }
 }
 

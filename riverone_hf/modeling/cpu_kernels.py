@@ -35,11 +35,11 @@ uses its dequantize + matmul path. `RIVERONE_HF_DISABLE_CPU_KERNELS=1` turns the
   dense more rows: the whole weight is dequantized (C++, in parallel) or taken from the opt-in cache,
         then `F.linear` (MKL/oneDNN) does the matmul, which is compute-bound at that size.
 
-Measured (`python bench/kernels.py`, table in BENCHMARKS.md: 2-core AMD EPYC, torch.set_num_threads(2),
-decode passes cycling over 10 distinct layers so that weights are not cache-resident, medians of 7 repeats),
-against dense fp32 `F.linear` at 2560<->9728: batch 1, 2x8 4.7-5.8x faster, 1x8 9.7-11.6x, 1x16 (dd)
-2.7-3.2x; batch 16, 1.4-2.9x faster; against the aqlm package's numba kernel (1 numba thread, where it
-is correct) 2.9-4.9x faster at batch 1 for 2x8/1x8.
+Measured (`python bench/kernels.py`, tables in BENCHMARKS.md: 2-core AMD EPYC, torch.set_num_threads(2),
+decode passes cycling over 10 distinct layers so that weights are not cache-resident, medians of 7 repeats,
+two runs), against dense fp32 `F.linear` at 2560<->9728: batch 1, 2x8 4.7-8.2x faster, 1x8 9.7-15.6x, 1x16
+(dd) 2.5-3.3x; batch 16, 1.4-2.9x faster; against the aqlm package's numba kernel (1 numba thread, where it
+is correct) 2.9-5.5x faster at batch 1 for 2x8/1x8.
 
 Why these choices (single-thread CPU-time measurements on the same machine, 2560<->9728, batch 1):
   - building the lookup table with scalar loops cost 0.7-1.3 ms of the ~2 ms per call at 9728 inputs;
@@ -174,8 +174,8 @@ void build_lut(const float* x, const float* cbT, float* lut, int64_t j0, int64_t
 }
 
 // acc[i] += sum_n L[n][codes[i][n]], rows i < rows, codes [rows][16]: four rows at a time (8 add chains),
-// codes read 8 bytes at once: ~0.55 cycles per lookup on Zen 4, close to its 2 scalar adds per cycle
-// (AVX2/AVX-512 gathers were slower there).
+// codes read 8 bytes at once (2x8 decode at 2560<->9728 on Zen 4: 0.69-0.80 ms per layer against 0.89-1.25
+// ms with two rows at a time; AVX2/AVX-512 gathers were slower than scalar lookups there).
 void lut_block16(const float* L, const uint8_t* codes, float* acc, int64_t rows) {
   constexpr int N = 16;
   int64_t i = 0;

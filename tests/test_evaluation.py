@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from riverone_hf import demo_assets
 from riverone_hf.demo_assets import read_shipped_text, shipped_text_path, smollm2_gguf_path
 from riverone_hf.evaluation import perplexity, token_windows, tokenize_text
+from tests.tiny_models import char_tokenizer, tiny_qwen3
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession\n"
@@ -26,30 +25,14 @@ TEXT = (
 )
 
 
-@pytest.fixture(scope="module")
-def char_tokenizer():
-    """A character-level tokenizer over printable ASCII + newline, built offline."""
-    chars = ["\n"] + [chr(c) for c in range(32, 127)]
-    vocab = {"[UNK]": 0, **{ch: i + 1 for i, ch in enumerate(chars)}}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+@pytest.fixture(scope="module", name="char_tokenizer")
+def char_tokenizer_fixture():
+    return char_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def tiny_model(char_tokenizer):
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(char_tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        head_dim=16,
-        max_position_embeddings=128,
-    )
-    return Qwen3ForCausalLM(config).eval()
+    return tiny_qwen3(vocab_size=len(char_tokenizer))
 
 
 def _ppl_by_hand(model, windows: torch.Tensor) -> float:

@@ -8,16 +8,7 @@ from riverone_hf.quantizers.aq import QuantizedWeight, quantize_weight, relative
 from riverone_hf.quantizers.aq.beam_search import beam_search_codes
 from riverone_hf.quantizers.aq.kmeans import nearest_centroids
 from riverone_hf.quantizers.aq.layout import unpack_codes
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread avoids OpenMP start-up and oversubscription costs on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from tests.tiny_models import one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 FAST = dict(max_epochs=3, steps_per_epoch=30, kmeans_iters=20, beam_size=4, codebook_lr=1e-3)
 

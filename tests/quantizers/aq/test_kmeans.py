@@ -10,15 +10,7 @@ from riverone_hf.quantizers.aq.kmeans import (
     nearest_centroids,
     residual_kmeans_init,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread avoids OpenMP start-up and oversubscription costs on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.tiny_models import one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -12,7 +12,6 @@ checkpoint, so its single copy of each shared tensor loads into every block of t
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -20,8 +19,6 @@ from torch import nn
 from ..config import MiniViTSpec
 from ..modeling.minivit import accounting, declare_ties, share_blocks
 from ..modeling.vision_blocks import VisionTower, find_vision_tower
-
-logger = logging.getLogger(__name__)
 
 STAGE = "minivit"
 
@@ -64,8 +61,8 @@ def _share(model: nn.Module, groups: list[list[int]], transforms: list[str], con
 def apply(model: nn.Module, spec: MiniViTSpec, plan: MiniViTPlan) -> dict[str, dict]:
     """Share the loaded weights of the planned groups; returns their quantization_map entries."""
     tower = _share(model, plan.groups, spec.transforms, spec.conv_kernel_size)
-    logger.info("MiniViT on %s, groups %s:\n%s", tower.name or "the model", plan.groups,
-                "\n".join(accounting(model, tower).lines()))
+    print(f"MiniViT stage on {tower.name or 'the model'}, groups {plan.groups}:\n"
+          + "\n".join(accounting(model, tower).lines()), flush=True)
     return {
         tower.block_name(index): {
             "stage": STAGE, "group": list(group), "transforms": list(spec.transforms),

@@ -97,8 +97,10 @@ def test_reload_rebuilds_sharing_before_loading_and_is_identical(shared_vit):
     assert torch.equal(logits(again), logits(model))
 
 
-def test_identity_start_of_full_model(vit_dir):
+def test_identity_start_of_full_model(vit_dir, capsys):
     model = ViTForImageClassification.from_pretrained(vit_dir, quantization_config=RiverOneConfig(minivit={"share_every": 2}))
+    printed = capsys.readouterr().out  # the stage prints its accounting
+    assert "MiniViT stage on vit, groups [[0, 1], [2, 3]]" in printed and "parameters after" in printed
     reference = tiny_vit()
     tower = find_vision_tower(reference)
     for first, second in GROUPS:

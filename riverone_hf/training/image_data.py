@@ -29,7 +29,12 @@ def load_images(source: str, image_column: str = "image", split: str = "train") 
     """Images from `source`: "skimage", a directory written by `datasets` `save_to_disk`, or a folder of
     image files (searched recursively, sorted by path)."""
     if source == SKIMAGE:
-        import skimage.data
+        try:
+            import skimage.data
+        except ImportError as err:
+            raise ImportError(
+                "the 'skimage' image source needs scikit-image: pip install 'riverone_hf[minivit]'"
+            ) from err
 
         return [Image.fromarray(np.asarray(getattr(skimage.data, name)())) for name in SKIMAGE_PHOTOS]
     path = Path(source)

@@ -126,7 +126,6 @@ def test_image_sources(image_folder, tmp_path):
 
 
 def test_skimage_photos_are_the_default_real_images():
-    pytest.importorskip("skimage", reason="scikit-image provides the shipped photographs")
     images = load_images("skimage")
     assert len(images) == 16 and all(min(i.size) >= 150 for i in images)
 

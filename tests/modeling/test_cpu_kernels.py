@@ -62,12 +62,13 @@ def test_default_dispatch_matches_dequantized_matmul(scheme, rows, num_threads):
     assert torch.equal(codes, stored), "the stored codes were modified"
 
 
+# every kernel that serves the scheme (lookup tables only exist for codebooks of <= 256 entries)
+KERNEL_CASES = [(s, k) for s in SCHEMES for k in ("lut", "dd", "gemm", "dense") if not (k == "lut" and s[1] > 8)]
+
+
 @needs_kernels
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("kernel", ["lut", "dd", "gemm", "dense"])
+@pytest.mark.parametrize("scheme, kernel", KERNEL_CASES, ids=[f"{s[0]}x{s[1]}-{k}" for s, k in KERNEL_CASES])
 def test_every_kernel_every_row_count(scheme, kernel, num_threads):
-    if kernel == "lut" and scheme[1] > 8:
-        pytest.skip("no lookup tables for 16-bit codebooks")
     # 37 input groups: not a multiple of the lookup block (16 tables), so the padded tail is exercised
     codes, codebooks, scales, bias = make_weight(*scheme, out_features=70, in_features=37 * 8, seed=1)
     stored = codes.clone()
@@ -213,3 +214,11 @@ def test_not_on_cpu_or_bad_shapes():
         ck.prepare_cpu_kernel(codes, codebooks, scales[:-1])
     meta = [t.to("meta") for t in (codes, codebooks, scales)]
     assert ck.prepare_cpu_kernel(*meta) is None
+
+
+@needs_kernels
+def test_forcing_a_kernel_the_scheme_lacks_is_a_clear_error():
+    codes, codebooks, scales, _ = make_weight(1, 16, out_features=8, in_features=16, seed=0)
+    prepared = ck.prepare_cpu_kernel(codes, codebooks, scales)
+    with pytest.raises(ValueError, match="no lookup-table kernel for 1x16"):
+        ck.cpu_matmul(torch.randn(1, 16), prepared, kernel="lut")

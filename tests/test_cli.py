@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 import riverone_hf  # noqa: F401

@@ -129,9 +129,9 @@ def prepare_layer(layer: str, samples: int, seq_len: int, out: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from riverone_hf.demo_assets import load_smollm2, read_shipped_text
-    from riverone_hf.evaluation import token_windows
-    from riverone_hf.quantizers.aq.calibration import collect_xtx
+    from riverone_hf.cli.demo_assets import load_smollm2, read_shipped_text
+    from riverone_hf.metrics.perplexity import token_windows
+    from riverone_hf.aq.calibration import collect_xtx
 
     model, tokenizer = load_smollm2(torch.float32)
     windows = token_windows(tokenizer, read_shipped_text("calibration"), samples, seq_len, seed=0)
@@ -169,8 +169,8 @@ def child(row: str, data: str, threads: int) -> None:
     from safetensors.torch import load_file
 
     from riverone_hf.config import AqlmSpec
-    from riverone_hf.quantizers.aq import quantize_weight, relative_output_error
-    from riverone_hf.quantizers.aq.layout import unpack_codes
+    from riverone_hf.aq import quantize_weight, relative_output_error
+    from riverone_hf.aq.layout import unpack_codes
 
     torch.set_num_threads(threads)
     config = ROWS[row]

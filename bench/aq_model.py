@@ -13,7 +13,7 @@ and of round-to-nearest at about the same bits/weight: 2-bit asymmetric RTN (GPT
 `aq_engine.rtn_dequantized`) with one fp16 scale and one fp16 zero per `--rtn-group` consecutive inputs of
 a row, applied to the same Linears.
 
-Perplexity: `riverone_hf.evaluation.perplexity`, the first `--eval-windows` non-overlapping windows of
+Perplexity: `riverone_hf.metrics.perplexity.perplexity`, the first `--eval-windows` non-overlapping windows of
 `--eval-seq-len` tokens of the evaluation text, exp(mean NLL) over the `seq_len - 1` predictions per window.
 Bits/weight of the quantized Linears count codes at B bits and codebooks and scales as fp16. Peak memory is
 `resource.getrusage(RUSAGE_SELF).ru_maxrss` of this process at the end (it holds the dense model, the
@@ -90,8 +90,8 @@ def main() -> None:
 
     import riverone_hf  # noqa: F401  (registers the "riverone" quantization method)
     from riverone_hf import RiverOneConfig
-    from riverone_hf.demo_assets import load_smollm2, read_shipped_text, shipped_text_path
-    from riverone_hf.evaluation import perplexity
+    from riverone_hf.cli.demo_assets import load_smollm2, read_shipped_text, shipped_text_path
+    from riverone_hf.metrics.perplexity import perplexity
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -141,8 +141,8 @@ def main() -> None:
     print(f"dense perplexity {ppl_dense:.3f} ({eval_seconds:.1f} s per evaluation)", flush=True)
 
     times = _EngineTimes()
-    logging.getLogger("riverone_hf.quantizers.aq.engine").addHandler(times)
-    logging.getLogger("riverone_hf.quantizers.aq.engine").setLevel(logging.INFO)
+    logging.getLogger("riverone_hf.aq.engine").addHandler(times)
+    logging.getLogger("riverone_hf.aq.engine").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="aq-model-bench-") as dense_dir:
         dense.save_pretrained(dense_dir)
         tokenizer.save_pretrained(dense_dir)

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import riverone_hf  # noqa: E402
 from riverone_hf import AqlmLinear, RiverOneConfig  # noqa: E402
-from riverone_hf.quantizers.aq.layout import QuantizedWeight, pack_codes  # noqa: E402
+from riverone_hf.aq.layout import QuantizedWeight, pack_codes  # noqa: E402
 
 
 def random_layer(num_codebooks, nbits, out_features, in_features, device, dtype, seed=0):

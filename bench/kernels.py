@@ -43,8 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from riverone_hf.modeling.cpu_kernels import cpu_kernels_available, cpu_matmul, prepare_cpu_kernel  # noqa: E402
-from riverone_hf.quantizers.aq.layout import dequantize, pack_codes  # noqa: E402
+from riverone_hf.kernels.cpu import cpu_kernels_available, cpu_matmul, prepare_cpu_kernel  # noqa: E402
+from riverone_hf.aq.layout import dequantize, pack_codes  # noqa: E402
 from machine_info import machine  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 SHAPES = [(2560, 9728), (9728, 2560)]  # (in_features, out_features): Qwen3-4B up/gate and down projections

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser
 
-from riverone_hf.demo_assets import load_smollm2, read_shipped_text
-from riverone_hf.evaluation import token_windows
+from riverone_hf.cli.demo_assets import load_smollm2, read_shipped_text
+from riverone_hf.metrics.perplexity import token_windows
 from riverone_hf.modeling.low_rank import truncated_svd
-from riverone_hf.modeling.vqc_accounting import account_layer, classical_twin, format_accounts
+from riverone_hf.metrics.vqc_accounting import account_layer, classical_twin, format_accounts
 from riverone_hf.modeling.vqc_linear import VQCGeneratedLinear
-from riverone_hf.quantizers.aq import relative_output_error
-from riverone_hf.quantizers.aq.calibration import collect_xtx
+from riverone_hf.aq import relative_output_error
+from riverone_hf.aq.calibration import collect_xtx
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

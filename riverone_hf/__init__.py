@@ -10,7 +10,7 @@ from transformers.quantizers import auto as _auto
 
 from .config import QUANT_METHOD, AqlmSpec, CalibrationSpec, ModuleOverride, RiverOneConfig
 from .modeling.aqlm_linear import AqlmLinear
-from .quantizers.aq import QuantizedWeight, quantize_weight
+from .aq import QuantizedWeight, quantize_weight
 from .quantizers.hf_quantizer import RiverOneHfQuantizer
 
 __version__ = "0.1.0"

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantizers.aq.layout import QuantizedWeight, code_dtype, dequantize
-from .cpu_kernels import cpu_matmul, prepare_cpu_kernel
+from ..aq.layout import QuantizedWeight, code_dtype, dequantize
+from ..kernels.cpu import cpu_matmul, prepare_cpu_kernel
 
 # The aqlm package switches from its matrix-vector to its matrix-matrix kernels above this many rows.
 _AQLM_GEMV_MAX_ROWS = 6

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..quantizers.aq import relative_output_error
+from ..aq import relative_output_error
 from .low_rank import LowRankObjective, truncated_svd
 from .vqc_circuit import CircuitFeatures, LearnedFeatures
 

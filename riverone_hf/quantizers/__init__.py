@@ -1,1 +1,1 @@
-"""The only part of riverone_hf that talks to transformers' quantizer API (plus the pure-torch AQ engine in `aq/`)."""
+"""The transformers side of riverone_hf: the quantizer behind quant_method "riverone"."""

@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 
 # Stage name -> module implementing it, in the order of `config.STAGE_SPECS`.
 STAGES = {
-    "minivit": "riverone_hf.quantizers.minivit_stage",
-    "vqc": "riverone_hf.quantizers.vqc_stage",
-    "aqlm": "riverone_hf.quantizers.aqlm_stage",
+    "minivit": "riverone_hf.stages.minivit",
+    "vqc": "riverone_hf.stages.vqc",
+    "aqlm": "riverone_hf.stages.aqlm",
 }
 
 
@@ -59,7 +59,7 @@ class RiverOneHfQuantizer(HfQuantizer):
             _stage(name)
         aqlm = self.quantization_config.aqlm
         if aqlm is not None and aqlm.calibration is not None:
-            from .calibration_data import check_calibration_source
+            from ..stages.calibration_data import check_calibration_source
 
             check_calibration_source(aqlm.calibration)
 
@@ -89,11 +89,11 @@ class RiverOneHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
-        from . import aqlm_stage
+        from ..stages import aqlm as aqlm_stage
 
         aqlm_stage.dequantize_model(model, dtype=dtype)
         if any(entry.get("stage") == "vqc" for entry in self.quantization_config.quantization_map.values()):
-            from . import vqc_stage
+            from ..stages import vqc as vqc_stage
 
             vqc_stage.dequantize_model(model)
         return model

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from riverone_hf.modeling import AqlmLinear
-from riverone_hf.quantizers.aq.layout import QuantizedWeight, pack_codes
+from riverone_hf.aq.layout import QuantizedWeight, pack_codes
 
 SCHEMES = [(1, 8, 1, 8), (2, 8, 1, 8), (1, 16, 1, 8), (2, 4, 2, 4)]
 IDS = ["1x8g8", "2x8g8", "1x16g8", "2x4-og2g4"]

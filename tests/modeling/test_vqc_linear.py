@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from riverone_hf.modeling import VQCGeneratedLinear, vqc_circuit
 from riverone_hf.modeling.low_rank import LowRankObjective, svd_rank_for_budget, truncated_svd
-from riverone_hf.modeling.vqc_accounting import account_layer, classical_twin, format_accounts
+from riverone_hf.metrics.vqc_accounting import account_layer, classical_twin, format_accounts
 from riverone_hf.modeling.vqc_circuit import CircuitFeatures
-from riverone_hf.quantizers.aq import relative_output_error
+from riverone_hf.aq import relative_output_error
 
 SMALL = {"n_wires": 2, "n_layers": 1, "rank": 3, "hidden_size": 4, "chunk_size": 8}
 

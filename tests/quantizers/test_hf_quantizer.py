@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import riverone_hf  # noqa: F401  (registers quant_method "riverone")
 from riverone_hf import AqlmLinear, RiverOneConfig
-from riverone_hf.quantizers.export_aqlm import export_aqlm
+from riverone_hf.export.aqlm import export_aqlm
 from tests.tiny_models import FAST_AQLM, input_ids, save_dense, tiny_internvl, tiny_qwen3
 
 SCHEME = {"num_codebooks": 2, "nbits_per_codebook": 8, "in_group_size": 8}

@@ -33,7 +33,7 @@ from .targeting import is_claimed, linears_matching, tied_module_names
 
 require_pennylane("The VQC stage (riverone `vqc` config or checkpoint)")
 
-from ..modeling.vqc_accounting import LayerAccount, account_layer, classical_twin, format_accounts
+from ..metrics.vqc_accounting import LayerAccount, account_layer, classical_twin, format_accounts
 from ..modeling.vqc_linear import VQCGeneratedLinear
 
 logger = logging.getLogger(__name__)

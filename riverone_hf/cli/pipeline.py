@@ -9,7 +9,7 @@ import shutil
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from .config import RiverOneConfig
+from ..config import RiverOneConfig
 from .fileio import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)

@@ -15,11 +15,11 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from .config import RiverOneConfig
+from ..config import RiverOneConfig
 from .demo_assets import load_smollm2, read_shipped_text, shipped_text_path
-from .evaluation import perplexity
+from ..metrics.perplexity import perplexity
 from .fileio import atomic_output_dir, check_output_dir
-from .report import size_report
+from ..metrics.sizes import size_report
 
 logger = logging.getLogger(__name__)
 

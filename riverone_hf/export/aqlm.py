@@ -18,7 +18,7 @@ from transformers import AqlmConfig, AutoConfig
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..config import SCHEME_FIELDS, RiverOneConfig
-from ..fileio import atomic_output_dir
+from ..cli.fileio import atomic_output_dir
 
 
 def _linear_names(config) -> list[str]:

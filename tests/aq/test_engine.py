@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from riverone_hf.config import AqlmSpec
-from riverone_hf.quantizers.aq import QuantizedWeight, quantize_weight, relative_output_error
-from riverone_hf.quantizers.aq.beam_search import beam_search_codes
-from riverone_hf.quantizers.aq.kmeans import nearest_centroids
-from riverone_hf.quantizers.aq.layout import unpack_codes
+from riverone_hf.aq import QuantizedWeight, quantize_weight, relative_output_error
+from riverone_hf.aq.beam_search import beam_search_codes
+from riverone_hf.aq.kmeans import nearest_centroids
+from riverone_hf.aq.layout import unpack_codes
 from tests.tiny_models import one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 FAST = dict(max_epochs=3, steps_per_epoch=30, kmeans_iters=20, beam_size=4, codebook_lr=1e-3)
@@ -209,7 +209,7 @@ def _random_state(seed, out_features=16, in_features=32, num_codebooks=2, codebo
 
 
 def _per_row_error(weight, codes, codebooks, scales, xtx):
-    from riverone_hf.quantizers.aq.layout import dequantize
+    from riverone_hf.aq.layout import dequantize
 
     delta = (weight - dequantize(codes, codebooks, scales)).double()
     return ((delta @ xtx) * delta).sum(-1) if xtx is not None else delta.square().sum(-1)
@@ -249,7 +249,7 @@ def test_beam_search_single_codebook_finds_nearest_codeword(codebook_size, beam_
 
 def test_beam_search_score_tiles_agree_with_one_tile(monkeypatch, problem):
     """Top-k per score tile and one merge keeps the same candidates as a top-k over all codes at once."""
-    import riverone_hf.quantizers.aq.beam_search as beam_module
+    import riverone_hf.aq.beam_search as beam_module
 
     weight, xtx = problem
     _, codes, codebooks, scales = _random_state(6, out_features=64, in_features=128, codebook_size=64)
@@ -277,8 +277,8 @@ def test_beam_search_wider_beam_is_not_worse_on_average(problem):
 @pytest.mark.parametrize("use_xtx", [False, True], ids=["data-free", "xtx"])
 def test_hand_written_gradient_matches_autograd(use_xtx, problem):
     """The codebook update's closed-form gradient equals autograd through `layout.dequantize`."""
-    from riverone_hf.quantizers.aq.engine import _adam_steps
-    from riverone_hf.quantizers.aq.layout import dequantize
+    from riverone_hf.aq.engine import _adam_steps
+    from riverone_hf.aq.layout import dequantize
 
     weight, xtx = problem
     xtx = xtx.float() if use_xtx else None
@@ -307,8 +307,8 @@ def test_hand_written_gradient_matches_autograd(use_xtx, problem):
 def test_cg_codebook_update_beats_adam_and_solves_scales(use_xtx, problem):
     """The "cg" update (closed-form scales + preconditioned CG on codebooks) lowers the loss for fixed codes
     further than 100 Adam steps, leaves the codebooks near a stationary point, and its scale solve is exact."""
-    from riverone_hf.quantizers.aq.engine import _adam_steps, _codebook_update_cg
-    from riverone_hf.quantizers.aq.layout import dequantize
+    from riverone_hf.aq.engine import _adam_steps, _codebook_update_cg
+    from riverone_hf.aq.layout import dequantize
 
     weight, xtx = problem
     xtx = xtx.float() if use_xtx else None

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 import riverone_hf  # noqa: F401  (registers quant_method "riverone")
 from riverone_hf import AqlmLinear, RiverOneConfig
 from riverone_hf.config import VqcSpec
-from riverone_hf.demo_assets import shipped_text_path
+from riverone_hf.cli.demo_assets import shipped_text_path
 from riverone_hf.modeling import VQCGeneratedLinear
-from riverone_hf.quantizers import vqc_stage
+from riverone_hf.stages import vqc as vqc_stage
 from tests.tiny_models import FAST_AQLM, input_ids, save_dense, tiny_internvl, tiny_qwen3
 
 FAST_VQC = {"n_wires": 2, "n_layers": 1, "rank": 2, "hidden_size": 4, "chunk_size": 8, "init_steps": 3}

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 import riverone_hf  # noqa: F401
 from riverone_hf import AqlmLinear
 from riverone_hf.cli import main
-from riverone_hf.fileio import atomic_output_dir
+from riverone_hf.cli.fileio import atomic_output_dir
 from tests.tiny_models import FAST_AQLM, save_dense, tiny_qwen3
 
 
@@ -67,7 +67,7 @@ def test_failure_inside_quantization_leaves_no_output(dense_dir, tmp_path, monke
     def explode(*args, **kwargs):
         raise ValueError("engine failed")
 
-    monkeypatch.setattr("riverone_hf.quantizers.aqlm_stage.quantize_weight", explode)
+    monkeypatch.setattr("riverone_hf.stages.aqlm.quantize_weight", explode)
     assert main(["quantize", dense_dir, str(tmp_path / "q"), "--config", write_config(tmp_path / "c.yaml")]) == 2
     assert "engine failed" in capsys.readouterr().err
     assert [p for p in os.listdir(tmp_path) if p != "c.yaml"] == []

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ..config import SCHEME_FIELDS, AqlmSpec
 from ..modeling.aqlm_linear import AqlmLinear
-from .aq import quantize_weight
+from ..aq import quantize_weight
 from .targeting import is_claimed, linears_matching, tied_module_names
 
 logger = logging.getLogger(__name__)

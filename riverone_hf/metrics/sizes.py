@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .modeling.aqlm_linear import AqlmLinear
+from ..modeling.aqlm_linear import AqlmLinear
 
 MIB = 2**20
 

@@ -54,7 +54,7 @@ def calibration_windows(model, spec: CalibrationSpec, stage: str):
     import torch
     from transformers import AutoTokenizer
 
-    from ..evaluation import token_windows
+    from ..metrics.perplexity import token_windows
 
     tokenizer_path = spec.tokenizer or model.config.name_or_path
     missing = (

@@ -1,4 +1,4 @@
-"""Tests of riverone_hf.evaluation and riverone_hf.demo_assets on a tiny random model (no Hub, no SmolLM2)."""
+"""Tests of riverone_hf.metrics.perplexity and riverone_hf.cli.demo_assets on a tiny random model (no Hub, no SmolLM2)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from riverone_hf import demo_assets
-from riverone_hf.demo_assets import read_shipped_text, shipped_text_path, smollm2_gguf_path
-from riverone_hf.evaluation import perplexity, token_windows, tokenize_text
+from riverone_hf.cli import demo_assets
+from riverone_hf.cli.demo_assets import read_shipped_text, shipped_text_path, smollm2_gguf_path
+from riverone_hf.metrics.perplexity import perplexity, token_windows, tokenize_text
 from tests.tiny_models import char_tokenizer, tiny_qwen3
 
 TEXT = (

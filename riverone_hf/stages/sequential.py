@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .aq.calibration import collect_xtx
+from ..aq.calibration import collect_xtx
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..quantizers.aq import relative_output_error
-from .low_rank import svd_rank_for_budget, truncated_svd
-from .vqc_linear import ClassicalGeneratedLinear, GeneratedLinear
+from ..aq import relative_output_error
+from ..modeling.low_rank import svd_rank_for_budget, truncated_svd
+from ..modeling.vqc_linear import ClassicalGeneratedLinear, GeneratedLinear
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Correctness of the AQLM CPU kernels (riverone_hf.modeling.cpu_kernels) against dequantize + F.linear.
+"""Correctness of the AQLM CPU kernels (riverone_hf.kernels.cpu) against dequantize + F.linear.
 
 Small shapes only; every kernel (lut / dd / gemm / dense) is checked for 1 and 2 torch threads, and the
 stored codes must be untouched afterwards. (No numba is involved: the kernels are C++ on torch threads.)
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from riverone_hf.modeling import cpu_kernels as ck
-from riverone_hf.quantizers.aq.layout import dequantize, pack_codes
+from riverone_hf.kernels import cpu as ck
+from riverone_hf.aq.layout import dequantize, pack_codes
 
 needs_kernels = pytest.mark.skipif(
     not ck.cpu_kernels_available(), reason=f"CPU kernels unavailable: {ck.cpu_kernels_build_error()}"

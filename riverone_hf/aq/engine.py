@@ -35,7 +35,7 @@ from .kmeans import residual_kmeans_init
 from .layout import QuantizedWeight, dequantize, pack_codes
 
 if TYPE_CHECKING:
-    from ...config import AqlmSpec
+    from ..config import AqlmSpec
 
 logger = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def quantize_weight(
         FloatingPointError: the objective became non-finite during the codebook update.
     """
     if spec is None:
-        from ...config import AqlmSpec  # lazy: this module does not import transformers
+        from ..config import AqlmSpec  # lazy: this module does not import transformers
 
         spec = AqlmSpec()
     seed = spec.seed if seed is None else seed

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from riverone_hf.quantizers.aq.kmeans import (
+from riverone_hf.aq.kmeans import (
     MAX_TILE_COLUMNS,
     kmeans,
     max_inner_product,

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..quantizers.aq.layout import dequantize
+from ..aq.layout import dequantize
 
 __all__ = [
     "PreparedCpuKernel",

@@ -8,9 +8,9 @@ import sys
 
 
 def _quantize(args) -> None:
-    from .config import RiverOneConfig, load_config_file
+    from ..config import RiverOneConfig, load_config_file
     from .pipeline import parse_dtype, quantize_checkpoint
-    from .report import size_report
+    from ..metrics.sizes import size_report
 
     config = load_config_file(args.config) if args.config else RiverOneConfig(aqlm={})
     model = quantize_checkpoint(args.src, args.out, config, dtype=parse_dtype(args.dtype), overwrite=args.overwrite)
@@ -19,7 +19,7 @@ def _quantize(args) -> None:
 
 
 def _export(args) -> None:
-    from .quantizers.export_aqlm import export_aqlm
+    from ..export.aqlm import export_aqlm
 
     export_aqlm(args.src, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out} (format {args.format}: loads with stock transformers + the aqlm package)")

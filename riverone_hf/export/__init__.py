@@ -1,0 +1,1 @@
+"""Export of riverone checkpoints to other formats (stock transformers AQLM)."""

@@ -1,0 +1,1 @@
+"""Measurements of compressed models: perplexity, size accounting, VQC accounting."""

@@ -1,0 +1,1 @@
+"""The compression stages: one file per stage, plus the targeting and calibration they share."""

@@ -1,0 +1,170 @@
+"""Measure a saved checkpoint and write the figures beside it (``riverone_results.json``).
+
+`evaluate_checkpoint(path, text_file)` loads the checkpoint as saved (``from_pretrained(path)``, so a
+riverone checkpoint goes through the riverone quantizer), runs the shipped `evaluate` metric
+``riverone_perplexity`` (loaded by local path: offline), measures its sizes with `size_report`, and
+records the settings, the data's sha256 and token counts, the command, the machine, the wall times and
+the sha256 of every weight file. Model cards are rendered ONLY from this file, and publishing refuses a
+results file whose weight hashes do not match the folder: every published figure is a measurement of
+that very model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+
+RESULTS_FILE = "riverone_results.json"
+RESULTS_FORMAT = "riverone_results"
+RESULTS_VERSION = 1
+WEIGHT_SUFFIXES = (".safetensors",)
+PERPLEXITY_DEFINITION = (
+    "exp(mean NLL in nats) over non-overlapping windows of exactly seq_len tokens cut from the text's token "
+    "stream (tokenised once, no special tokens; the tail shorter than seq_len dropped), seq_len - 1 "
+    "predictions per window, no context across windows, float32 log-probabilities"
+)
+
+__all__ = ["RESULTS_FILE", "evaluate_checkpoint", "file_sha256", "load_results", "weight_hashes"]
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weight_hashes(path: str) -> dict[str, str]:
+    """sha256 of every weight file (``*.safetensors``) directly in checkpoint folder `path`."""
+    return {name: file_sha256(os.path.join(path, name)) for name in sorted(os.listdir(path))
+            if name.endswith(WEIGHT_SUFFIXES)}
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor() or None,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "transformers": transformers.__version__, "riverone_hf": __version__,
+            "device": "cpu"}
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def _auto_class(path: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+
+
+def _sizes(model) -> dict:
+    from .sizes import MIB, size_report
+
+    report = size_report(model)
+    sizes = {"parts_bytes": dict(report.parts), "total_bytes": report.total_bytes,
+             "total_mib": report.total_bytes / MIB}
+    if report.quantized_weights:
+        sizes["quantized_weights"] = report.quantized_weights
+        sizes["quantized_bits_per_weight"] = report.quantized_bits_per_weight()
+    return sizes
+
+
+def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_windows: int | None = None,
+                        batch_size: int = 1, command: str | None = None, write: bool = True) -> dict:
+    """Measure the checkpoint folder `path` on the text in `text_file`; write ``path/riverone_results.json``.
+
+    Args:
+        path: a saved checkpoint folder (a riverone checkpoint, or a dense one as a baseline).
+        text_file: UTF-8 held-out text (never the calibration text); its sha256 is recorded.
+        seq_len, max_windows, batch_size: perplexity settings (see `riverone_hf.metrics.perplexity`).
+        command: the command line to record (the CLI passes its own); None records the call.
+        write: write the JSON (atomically: temp file + rename) beside the weights.
+
+    Returns the results dict. Raises ValueError for a missing folder or text, or a text shorter than seq_len.
+    """
+    import evaluate
+    from transformers import AutoTokenizer
+
+    from .. import QUANT_METHOD  # noqa: F401  (importing the package registers quant_method "riverone")
+    from .evaluate_modules import metric_path
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} is not a checkpoint folder: no config.json")
+    if not os.path.isfile(text_file):
+        raise ValueError(f"evaluation text {text_file!r} does not exist")
+    with open(text_file, encoding="utf-8") as handle:
+        text = handle.read()
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+        qconfig = json.load(handle).get("quantization_config") or {}
+
+    started = time.perf_counter()
+    model = _auto_class(path).from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    load_s = time.perf_counter() - started
+
+    metric = evaluate.load(metric_path("riverone_perplexity"))
+    started = time.perf_counter()
+    measured = metric.compute(predictions=[text], model=model, tokenizer=tokenizer, seq_len=seq_len,
+                              max_windows=max_windows, batch_size=batch_size)
+    eval_s = time.perf_counter() - started
+
+    entries = (qconfig.get("quantization_map") or {}).values()
+    results = {
+        "format": RESULTS_FORMAT,
+        "version": RESULTS_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "architectures": model.config.architectures,
+            "model_type": model.config.model_type,
+            "quant_method": qconfig.get("quant_method"),
+            "stages": sorted({e.get("stage") for e in entries if isinstance(e, dict) and e.get("stage")}),
+            "weights_sha256": weight_hashes(path),
+        },
+        "evaluations": [{
+            "metric": "perplexity",
+            "metric_module": "riverone_perplexity (shipped evaluate module, riverone_hf/metrics/evaluate_modules)",
+            "task": "text-generation",
+            "value": measured["perplexity"],
+            "definition": PERPLEXITY_DEFINITION,
+            "dataset": {"name": os.path.basename(text_file), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                        "num_characters": len(text), "num_tokens": measured["num_tokens"]},
+            "settings": {"seq_len": seq_len, "max_windows": max_windows, "batch_size": batch_size,
+                         "num_windows": measured["num_windows"],
+                         "num_predicted_tokens": measured["num_predicted_tokens"]},
+            "wall_time_s": eval_s,
+        }],
+        "sizes": _sizes(model),
+        "machine": machine_info(),
+        "wall_times_s": {"load": load_s, "perplexity": eval_s},
+        "command": command or f"riverone_hf.metrics.evaluation.evaluate_checkpoint({path!r}, {text_file!r}, "
+                              f"seq_len={seq_len}, max_windows={max_windows}, batch_size={batch_size})",
+    }
+    if write:
+        target = os.path.join(path, RESULTS_FILE)
+        tmp = f"{target}.partial"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, target)
+    return results
+
+
+def load_results(path: str) -> dict:
+    """The results JSON of checkpoint folder `path`; ValueError when missing or not a riverone results file."""
+    target = os.path.join(path, RESULTS_FILE)
+    if not os.path.isfile(target):
+        raise ValueError(f"{path!r} has no {RESULTS_FILE}: run `riverone evaluate {path} --text HELD_OUT.txt` first")
+    with open(target, encoding="utf-8") as handle:
+        results = json.load(handle)
+    if results.get("format") != RESULTS_FORMAT:
+        raise ValueError(f"{target} is not a riverone results file (format {results.get('format')!r})")
+    return results

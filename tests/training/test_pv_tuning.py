@@ -1,0 +1,232 @@
+"""PV-Tuning: config errors, the V-step (at most tau of the code groups, aqlm layout), the loss going down,
+the plain Trainer machinery, save/reload in a fresh process, the CPU kernel following the trained parameters."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+import riverone_hf  # noqa: F401  (registers quant_method "riverone")
+from riverone_hf import AqlmLinear, RiverOneConfig
+from riverone_hf.aq.layout import code_dtype, unpack_codes
+from riverone_hf.training import PVTrainer, PVTrainingArguments, PVTuningConfig, get_pv_model
+from riverone_hf.training.pv import PVOptimizer, reencode_groups, trainable_parameter_summary
+from tests.tiny_models import FAST_AQLM, input_ids, save_dense, tiny_qwen3
+
+SCHEME = {"num_codebooks": 1, "nbits_per_codebook": 8, "in_group_size": 8}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def pv_dirs(tmp_path_factory):
+    """(dense dir, quantized riverone dir) of a tiny Qwen3, quantized 1x8 with the fast engine settings."""
+    root = tmp_path_factory.mktemp("pv")
+    dense = save_dense(tiny_qwen3(), root / "dense")
+    model = AutoModelForCausalLM.from_pretrained(dense, quantization_config=RiverOneConfig(aqlm={**SCHEME, **FAST_AQLM}))
+    model.save_pretrained(root / "quantized")
+    return dense, str(root / "quantized")
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def token_dataset(rows=16, length=24, seed=0):
+    ids = torch.randint(1, 97, (rows, length), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def pv_args(tmp_path, **overrides):
+    fields = dict(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return PVTrainingArguments(**{**fields, **overrides})
+
+
+def quantized_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, AqlmLinear)}
+
+
+# -- config errors -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        ({"max_code_change_per_step": 0.0}, "max_code_change_per_step"),
+        ({"max_code_change_per_step": 1.5}, "max_code_change_per_step"),
+        ({"beam_size": 0}, "beam_size"),
+        ({"code_lr": -1.0}, "code_lr"),
+        ({"code_betas": (0.0, 1.0)}, "code_betas"),
+    ],
+)
+def test_config_rejects_bad_values(fields, name):
+    with pytest.raises(ValueError, match=name):
+        PVTuningConfig(**fields)
+
+
+def test_arguments_reject_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="temperature"):
+        pv_args(tmp_path, temperature=0.0)
+    with pytest.raises(ValueError, match="monotonicity_every"):
+        pv_args(tmp_path, monotonicity_every=-1)
+
+
+def test_model_without_aqlm_linear_is_an_error():
+    with pytest.raises(ValueError, match="AqlmLinear"):
+        get_pv_model(tiny_qwen3(), PVTuningConfig())
+
+
+def test_kl_without_teacher_and_vocab_mismatch_are_errors(pv_dirs, tmp_path):
+    _, quantized = pv_dirs
+    model = get_pv_model(load(quantized))
+    with pytest.raises(ValueError, match="kl_weight"):
+        PVTrainer(model=model, args=pv_args(tmp_path, kl_weight=1.0), train_dataset=token_dataset())
+    with pytest.raises(ValueError, match="vocabulary"):
+        PVTrainer(model=model, args=pv_args(tmp_path), teacher_model=tiny_qwen3(vocab_size=256),
+                  train_dataset=token_dataset())
+
+
+def test_kl_divergence_is_zero_on_equal_logits_and_positive_otherwise():
+    logits = torch.randn(2, 5, 11)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    zero, count = PVTrainer.kl_divergence(logits, logits, mask)
+    assert float(zero) == pytest.approx(0.0, abs=1e-6) and int(count) == 10
+    assert float(PVTrainer.kl_divergence(logits, torch.randn(2, 5, 11), mask)[0]) > 0
+
+
+# -- get_pv_model and the V-step -----------------------------------------------------------------------------------
+
+
+def test_get_pv_model_marks_trainable_and_counts_codes_apart(pv_dirs, capsys):
+    _, quantized = pv_dirs
+    model = get_pv_model(load(quantized))
+    for module in quantized_modules(model).values():
+        assert module.codebooks.requires_grad and module.scales.requires_grad and not module.codes.requires_grad
+    assert not model.lm_head.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
+    assert model.model.norm.weight.requires_grad
+    summary = model.print_trainable_parameters()
+    assert "codes" in capsys.readouterr().out
+    assert summary == trainable_parameter_summary(model)
+    assert summary["codes"] == sum(m.codes.numel() for m in quantized_modules(model).values())
+    assert summary["codes_bytes"] == summary["codes"]  # int8 codes: one byte each
+
+
+def test_reencode_groups_never_worse_and_keeps_layout(pv_dirs):
+    _, quantized = pv_dirs
+    module = next(iter(quantized_modules(load(quantized)).values()))
+    before = module.codes.clone()
+    target = module.dequantize().detach() + 0.05 * torch.randn(module.out_features, module.in_features,
+                                                                 generator=torch.Generator().manual_seed(0))
+    groups = torch.tensor([0, 3, 7])
+    error_before = (module.dequantize() - target).square().sum()
+    reencode_groups(module, target, groups, beam_size=3, generator=torch.Generator().manual_seed(0),
+                    max_chunk_bytes=2**12)
+    assert module.codes.dtype == code_dtype(8) and module.codes.shape == before.shape
+    flat_changed = (module.codes != before).any(-1).reshape(-1).nonzero().reshape(-1)
+    assert set(flat_changed.tolist()) <= set(groups.tolist())
+    assert (module.dequantize() - target).square().sum() <= error_before + 1e-6
+
+
+def test_one_pv_step_changes_at_most_tau_of_code_groups(pv_dirs, tmp_path):
+    _, quantized = pv_dirs
+    tau = 0.05
+    model = get_pv_model(load(quantized), PVTuningConfig(code_lr=0.5, max_code_change_per_step=tau, beam_size=2))
+    before = {n: m.codes.clone() for n, m in quantized_modules(model).items()}
+    trainer = PVTrainer(model=model, args=pv_args(tmp_path, max_steps=1, monotonicity_every=0),
+                        train_dataset=token_dataset())
+    trainer.train()
+    total_changed = 0
+    for name, module in quantized_modules(model).items():
+        assert module.codes.dtype == torch.int8 and module.codes.shape == before[name].shape
+        changed = int((module.codes != before[name]).any(-1).sum())
+        groups = module.codes.shape[0] * module.codes.shape[1]
+        assert changed <= int(tau * groups), name
+        total_changed += changed
+        assert int(unpack_codes(module.codes, 8).max()) < 256
+    assert total_changed > 0  # the V-step did move codes
+    assert total_changed == sum(trainer.pv_optimizer.last_changed.values())
+
+
+def test_loss_goes_down_and_monotonicity_is_logged(pv_dirs, tmp_path):
+    dense, quantized = pv_dirs
+    model = get_pv_model(load(quantized), PVTuningConfig(code_lr=0.05, max_code_change_per_step=0.05, beam_size=2))
+    dataset = token_dataset()
+    trainer = PVTrainer(model=model, teacher_model=load(dense), train_dataset=dataset, eval_dataset=dataset,
+                        args=pv_args(tmp_path, max_steps=6, learning_rate=3e-3, per_device_eval_batch_size=4))
+    initial = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    final = trainer.evaluate()["eval_loss"]
+    assert final < initial
+    records = trainer.monotonicity
+    assert len(records) == 6 and all({"before", "after_p", "after_v"} <= set(r) for r in records)
+    assert records[-1]["after_v"] < records[0]["before"]
+    logged = [entry for entry in trainer.state.log_history if "pv/loss_after_v" in entry]
+    assert len(logged) == 6
+    summary = [entry for entry in trainer.state.log_history if "pv/p_step_lowered_fraction" in entry]
+    assert summary and summary[-1]["pv/measured_steps"] == 6
+
+
+# -- save / reload, kernels following the trained parameters ------------------------------------------------------
+
+
+RELOAD = """
+import sys, torch, riverone_hf
+from transformers import AutoModelForCausalLM
+from tests.tiny_models import input_ids
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    torch.save(model(input_ids=input_ids()).logits, sys.argv[2])
+"""
+
+
+def test_trained_model_saves_reloads_in_fresh_process_and_kernels_follow(pv_dirs, tmp_path):
+    _, quantized = pv_dirs
+    model = get_pv_model(load(quantized), PVTuningConfig(code_lr=0.5, max_code_change_per_step=0.05, beam_size=2))
+    original = {n: (m.codes.clone(), m.codebooks.detach().clone()) for n, m in quantized_modules(model).items()}
+    # run the CPU kernels once before training so that a stale cache would show
+    with torch.no_grad():
+        model(input_ids=input_ids())
+    trainer = PVTrainer(model=model, args=pv_args(tmp_path, max_steps=2, monotonicity_every=0),
+                        train_dataset=token_dataset())
+    trainer.train()
+    model.eval()
+    codes_moved = any((m.codes != original[n][0]).any() for n, m in quantized_modules(model).items())
+    books_moved = any(not torch.equal(m.codebooks, original[n][1]) for n, m in quantized_modules(model).items())
+    assert codes_moved and books_moved
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    for name, module in quantized_modules(model).items():
+        with torch.no_grad():
+            x_in = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(module(x_in), F.linear(x_in, module.dequantize(), module.bias),
+                                       rtol=1e-4, atol=1e-5, msg=name)
+    del x
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids()).logits
+    subprocess.run([sys.executable, "-c", RELOAD, str(out), str(tmp_path / "logits.pt")], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": ROOT})
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-4, atol=1e-5)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "riverone"
+
+
+def test_optimizer_state_holds_fp32_proxies(pv_dirs, tmp_path):
+    _, quantized = pv_dirs
+    model = get_pv_model(load(quantized))
+    trainer = PVTrainer(model=model, args=pv_args(tmp_path, max_steps=1, monotonicity_every=0),
+                        train_dataset=token_dataset())
+    trainer.train()
+    assert isinstance(trainer.pv_optimizer, PVOptimizer)
+    state = trainer.pv_optimizer.state_dict()["v_step"]
+    assert state["count"] == 1
+    for held in state["proxies"].values():
+        assert all(t.dtype == torch.float32 for t in held.values())

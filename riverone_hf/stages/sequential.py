@@ -5,6 +5,23 @@ model up to the first block; then, for each block in order, forward hooks collec
 Linears from the block's current inputs, those Linears are quantized, and the block — now quantized —
 is run again to give the next block its inputs. Planned Linears outside the blocks get XᵀX from one
 pass of the original model.
+
+Two options (the AQLM paper's Alg. 1):
+  - `true_sequential`: within a block, the Linears are quantized group by group in the order the block
+    calls them (Linears that read the same input tensor form one group: q/k/v, then o_proj, then
+    gate/up, then down_proj in a Llama/Qwen block), and each group's XᵀX is collected with the groups
+    before it already quantized.
+  - `finetune` (`BlockFinetuneSpec`): the dense block's outputs on the current inputs are kept as
+    targets; once the block's Linears are quantized, its continuous parameters are fine-tuned towards
+    them (`block_finetune.finetune_block`), and its relative output error before and after is logged,
+    with a per-block summary at the end. While it is on, the per-window block inputs and targets are
+    kept in `finetune.activation_dtype` (float16 by default), or in files under `finetune.offload_dir`.
+
+Several processes (`torchrun`, `accelerate launch` with real ranks: `torch.distributed` initialised): every
+rank runs the same block passes on the same windows; the Linears of each group are dealt round-robin to the
+ranks, each rank quantizes its own and builds an empty `skeleton` for the others, and the owner broadcasts
+every tensor of each new module, so all ranks end with the same model as one process would (fine-tuning
+then runs identically on every rank).
 """
 
 from __future__ import annotations
@@ -17,10 +34,48 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..aq.calibration import collect_xtx
+from .block_finetune import ACTIVATION_DTYPES, ActivationStore, BlockFinetuneSpec, FinetuneResult, finetune_block
 
 logger = logging.getLogger(__name__)
 
 QuantizeFn = Callable[[str, "torch.Tensor | None"], None]
+SkeletonFn = Callable[[str], None]
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the initialised `torch.distributed` group, or (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _quantize_names(model: nn.Module, xtxs: dict[str, "torch.Tensor | None"], quantize: QuantizeFn,
+                    skeleton: SkeletonFn | None) -> None:
+    """`quantize(name, xtx)` for each name; with several ranks, name j is quantized by rank j % world and
+    broadcast from it (every rank needs `skeleton`)."""
+    rank, size = world()
+    if size == 1 or len(xtxs) == 0:
+        for name, xtx in xtxs.items():
+            quantize(name, xtx)
+        return
+    if skeleton is None:
+        raise ValueError(f"quantizing on {size} ranks needs a `skeleton` callback")
+    import torch.distributed as dist
+
+    names = list(xtxs)
+    for j, name in enumerate(names):
+        if j % size == rank:
+            quantize(name, xtxs[name])
+        else:
+            skeleton(name)
+    for j, name in enumerate(names):
+        for tensor in model.get_submodule(name).state_dict().values():
+            carrier = tensor if tensor.is_floating_point() else tensor.to(torch.int64)  # gloo: no int16
+            dist.broadcast(carrier, src=j % size)
+            if carrier is not tensor:
+                tensor.copy_(carrier)
 
 
 class _StopForward(Exception):
@@ -55,10 +110,29 @@ def _run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    """`value` with every floating-point tensor inside (tuples, lists, dicts) cast to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _block_dtype(block: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -69,10 +143,48 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return prefix, model.get_submodule(prefix)
 
 
+def call_order_groups(names: dict[str, nn.Module], run_once: Callable[[], object]) -> list[list[str]]:
+    """The modules `names` (full name -> module) in the order `run_once()` (one forward of their block)
+    calls them, grouped: consecutive calls that read the same input tensor form one group. Modules never
+    called come last, as one group."""
+    calls: list[tuple[str, torch.Tensor]] = []  # the inputs are kept alive so that no id is reused
+
+    def record(name):
+        def hook(_module, inputs):
+            if all(seen != name for seen, _ in calls):
+                calls.append((name, inputs[0]))
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in names.items()]
+    try:
+        run_once()
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    previous = None
+    for name, tensor in calls:
+        if groups and tensor is previous:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous = tensor
+    never = [name for name in names if all(seen != name for seen, _ in calls)]
+    return groups + ([never] if never else [])
+
+
 @torch.no_grad()
 def quantize_sequentially(
-    model: nn.Module, names: list[str], windows: torch.Tensor, quantize: QuantizeFn, stage: str
-) -> None:
+    model: nn.Module,
+    names: list[str],
+    windows: torch.Tensor,
+    quantize: QuantizeFn,
+    stage: str,
+    *,
+    true_sequential: bool = False,
+    finetune: BlockFinetuneSpec | None = None,
+    skeleton: SkeletonFn | None = None,
+) -> dict[int, FinetuneResult]:
     """Call `quantize(name, xtx)` for every name in `names`, block by block (see module docstring).
 
     Args:
@@ -81,7 +193,15 @@ def quantize_sequentially(
         windows: [num_samples, seq_len] token ids.
         quantize: replaces the named Linear given its XᵀX / n (None when no calibration row reached it).
         stage: the stage's name for progress bars and logs ("AQLM", "VQC").
+        true_sequential: quantize each block's Linears group by group in call order (see module docstring).
+        finetune: fine-tune each block after quantizing it, when given and `enabled`.
+        skeleton: replaces the named Linear by an empty module of the quantized kind (needed with several
+            `torch.distributed` ranks: the owner's tensors are broadcast into it).
+
+    Returns:
+        block index -> `FinetuneResult` for every fine-tuned block (empty without fine-tuning).
     """
+    finetune = finetune if finetune is not None and finetune.enabled else None
     prefix, blocks = find_blocks(model)
     by_block = {i: [n for n in names if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))}
     outside = [n for n in names if not any(n in block_names for block_names in by_block.values())]
@@ -96,19 +216,86 @@ def quantize_sequentially(
             if accumulator.rows == 0:
                 logger.warning("%s: no calibration text reaches %s; it gets no XᵀX", stage, name)
 
+    storage = {} if finetune is None else {
+        "dtype": ACTIVATION_DTYPES[finetune.activation_dtype], "offload_dir": finetune.offload_dir
+    }
     last = max((i for i, block_names in by_block.items() if block_names), default=-1)
-    inputs = _capture_block_inputs(model, blocks[0], windows) if last >= 0 else []
-    for index in tqdm(range(last + 1), desc=f"{stage} (calibrated blocks)", unit="block"):
-        block = blocks[index]
-        if by_block[index]:
-            with collect_xtx({n: model.get_submodule(n) for n in by_block[index]}) as accumulators:
-                for args, kwargs in inputs:
-                    _run_block(block, args, kwargs)
-            for name in by_block[index]:
-                logger.info("%s: %s with XᵀX from %d rows", stage, name, accumulators[name].rows)
-                quantize(name, accumulators[name].xtx())
-        if index < last:  # blocks after the last quantized one need no inputs
-            inputs = [_with_hidden(args, kwargs, _run_block(block, args, kwargs)) for args, kwargs in inputs]
+    contexts = _capture_block_inputs(model, blocks[0], windows) if last >= 0 else []
+    hidden = ActivationStore(name="inputs", **storage)  # the current block's input per window
+    for args, kwargs in contexts:
+        hidden.append(_hidden_of(args, kwargs))
+    contexts = [_with_hidden(args, kwargs, None) for args, kwargs in contexts]  # the rest of each call
 
-    for name in outside:
-        quantize(name, outside_xtx[name])
+    def run(block: nn.Module, i: int) -> torch.Tensor:
+        dtype = _block_dtype(block)
+        args, kwargs = contexts[i]
+        args, kwargs = _with_hidden(args, kwargs, hidden[i].to(dtype))
+        if storage:  # inputs stored in another dtype, or a half block trained in float32
+            args, kwargs = _cast_floats(args, dtype), _cast_floats(kwargs, dtype)
+        return _run_block(block, args, kwargs)
+
+    results: dict[int, FinetuneResult] = {}
+    try:
+        for index in tqdm(range(last + 1), desc=f"{stage} (calibrated blocks)", unit="block"):
+            block = blocks[index]
+            if by_block[index]:
+                results.update(_quantize_block(model, block, index, by_block[index], len(contexts), run, quantize,
+                                               stage, true_sequential, finetune, storage, skeleton))
+            if index < last:  # blocks after the last quantized one need no inputs
+                following = ActivationStore(name="inputs", **storage)
+                for i in range(len(contexts)):
+                    following.append(run(block, i))
+                hidden.close()
+                hidden = following
+    finally:
+        hidden.close()
+
+    _quantize_names(model, {name: outside_xtx[name] for name in outside}, quantize, skeleton)
+    if results:
+        logger.info("%s block fine-tuning summary (relative output error of each block, held-out windows):", stage)
+        for index, result in results.items():
+            logger.info("  block %d: %.6f -> %.6f (%d epochs, %d steps, %d parameters)", index,
+                        result.error_before, result.error_after, result.epochs, result.steps, result.parameters)
+    return results
+
+
+def _quantize_block(model, block, index, names, num_windows, run, quantize, stage, true_sequential, finetune,
+                    storage, skeleton) -> dict[int, FinetuneResult]:
+    """Quantize the planned Linears `names` of one block (group by group with `true_sequential`), then
+    fine-tune it when `finetune` is given."""
+    modules = {n: model.get_submodule(n) for n in names}
+    if true_sequential:
+        with torch.no_grad():
+            groups = call_order_groups(modules, lambda: run(block, 0))
+        logger.info("%s block %d: true-sequential groups %s", stage, index,
+                    [[n.rsplit(".", 1)[-1] for n in g] for g in groups])
+    else:
+        groups = [names]
+    targets = None if finetune is None else ActivationStore(name="targets", **storage)
+    try:
+        for position, group in enumerate(groups):
+            with collect_xtx({n: model.get_submodule(n) for n in group}) as accumulators:
+                for i in range(num_windows):
+                    output = run(block, i)
+                    if targets is not None and position == 0:  # the block is still dense in the first pass
+                        targets.append(output)
+            for name in group:
+                logger.info("%s: %s with XᵀX from %d rows", stage, name, accumulators[name].rows)
+            _quantize_names(model, {name: accumulators[name].xtx() for name in group}, quantize, skeleton)
+        if finetune is None:
+            return {}
+        dtype = _block_dtype(block)
+        if dtype != torch.float32:
+            block.float()  # Adam on half-precision parameters loses small updates
+        try:
+            result = finetune_block(block, num_windows, lambda i: run(block, i), targets.__getitem__, finetune,
+                                    name=f"{stage} block {index}")
+        finally:
+            block.to(dtype)
+        logger.info("%s block %d: relative output error %.6f before fine-tuning, %.6f after (%d epochs)",
+                    stage, index, result.error_before, result.error_after, result.epochs)
+        return {index: result}
+    finally:
+        if targets is not None:
+            targets.close()
+

@@ -138,3 +138,54 @@ def test_minivit_groups_resolve_and_check_range():
 def test_all_stages_round_trip():
     config = RiverOneConfig(aqlm={}, minivit={"groups": [[0, 1]]}, vqc={"target_modules": [r".*fc2"], "n_wires": 6})
     assert RiverOneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+# Found by fuzzing (issue 14): each must be a ValueError naming the field, never another exception type.
+HOSTILE = [
+    ({"aqlm": {"overrides": [{"skip": True}]}}, "pattern"),  # was TypeError
+    ({"aqlm": {"target_modules": ["a{4294967296}"]}}, "target_modules"),  # was OverflowError
+    ({"aqlm": {"target_modules": ["(" * 2000 + ")" * 2000]}}, "target_modules"),  # was RecursionError
+    ({"aqlm": {"target_modules": ["(?:" * 60 + "a" + ")" * 60]}}, "target_modules"),  # nesting guard
+    ({"aqlm": {"modules_to_not_convert": ["("]}}, "modules_to_not_convert"),  # was accepted, re.error at load
+    ({"aqlm": {"modules_to_not_convert": ["x(?i)"]}}, "modules_to_not_convert"),  # breaks transformers' wrapper
+    ({"aqlm": {"seed": 2**64}}, "seed"),
+    ({"aqlm": {"codebook_lr": 10**400}}, "codebook_lr"),  # was OverflowError
+    ({"aqlm": {"relative_tolerance": float("nan")}}, "relative_tolerance"),
+    ({"aqlm": {"calibration": {"text_files": [b"a.txt"]}}}, "calibration.text_files"),
+    ({"aqlm": {"calibration": {"text_files": ["a\ud800"]}}}, "calibration.text_files"),
+    ({"aqlm": {"calibration": {"text_files": ["a.txt"], "tokenizer": float("nan")}}}, "calibration.tokenizer"),
+    ({"aqlm": {"overrides": [{b"pattern": "x"}]}}, "overrides"),
+    ({"aqlm": {"codebook_optimizer": {}}}, "codebook_optimizer"),
+    ({"minivit": {"share_every": 2**70}}, "minivit.share_every"),
+    ({"minivit": {"groups": [[2**70, 2**70 + 1]]}}, "minivit.groups"),
+    ({"vqc": {"target_modules": ["x"], "seed": 2**63}}, "vqc.seed"),
+    ({"quantization_map": {"m": {"stage": "aqlm"}}}, r"quantization_map\['m'\].*num_codebooks"),
+    ({"quantization_map": {"m": {"stage": "aqlm", "num_codebooks": "2", "nbits_per_codebook": 8,
+                                 "in_group_size": 8, "out_group_size": 1}}}, r"quantization_map\['m'\].*num_codebooks"),
+    ({"quantization_map": {"m": []}}, r"quantization_map\['m'\]"),
+    ({"quantization_map": {"m": {"stage": ["aqlm"]}}}, r"quantization_map\['m'\]\.stage"),
+]
+
+
+@pytest.mark.parametrize("fields,named", HOSTILE, ids=[str(i) for i in range(len(HOSTILE))])
+def test_hostile_values_raise_value_error_naming_the_field(fields, named):
+    with pytest.raises(ValueError, match=named):
+        RiverOneConfig(**fields)
+
+
+@pytest.mark.parametrize("aqlm, named", [
+    ({"overrides": [{"pattern": r"model\.layers\.7\..*", "skip": True}]}, "overrides"),
+    ({"modules_to_not_convert": ["no_such_module"]}, "modules_to_not_convert"),
+    ({"target_modules": [r".*nope"]}, "target_modules"),
+])
+def test_patterns_that_match_nothing_raise_at_plan_time(aqlm, named):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from riverone_hf.stages.aqlm import plan_modules
+    from tests.tiny_models import qwen3_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(qwen3_config())
+    with pytest.raises(ValueError, match=named):
+        plan_modules(model, RiverOneConfig(aqlm=aqlm).aqlm)

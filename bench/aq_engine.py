@@ -168,7 +168,7 @@ def child(row: str, data: str, threads: int) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from riverone_hf.config import AqlmSpec
+    from riverone_hf import AqlmSpec
     from riverone_hf.aq import quantize_weight, relative_output_error
     from riverone_hf.aq.layout import unpack_codes
 

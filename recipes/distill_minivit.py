@@ -23,7 +23,7 @@ from transformers import AutoConfig, HfArgumentParser
 
 import riverone_hf  # noqa: F401  (registers quant_method "riverone")
 from riverone_hf import RiverOneConfig
-from riverone_hf.cli.fileio import check_output_dir
+from riverone_hf.fileio import check_output_dir
 from riverone_hf.modeling.minivit import accounting
 from riverone_hf.modeling.vision_blocks import find_vision_tower
 from riverone_hf.cli.pipeline import save_with_side_files

@@ -8,10 +8,11 @@ about the unknown quant_method and loads random weights: always ``import riveron
 
 from transformers.quantizers import auto as _auto
 
-from .config import QUANT_METHOD, AqlmSpec, CalibrationSpec, ModuleOverride, RiverOneConfig
+from .aq import AqSettings, QuantizedWeight, quantize_weight
+from .config import QUANT_METHOD, RiverOneConfig, Stage, StagePlan, register_stage, registered_stages
 from .modeling.aqlm_linear import AqlmLinear
-from .aq import QuantizedWeight, quantize_weight
 from .quantizers.hf_quantizer import RiverOneHfQuantizer
+from .stages import AqlmSpec, CalibrationSpec, MiniViTSpec, ModuleOverride, VqcSpec
 
 __version__ = "0.1.0"
 
@@ -33,12 +34,19 @@ _register(_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, _auto.register_quantization_co
 _register(_auto.AUTO_QUANTIZER_MAPPING, _auto.register_quantizer, RiverOneHfQuantizer)
 
 __all__ = [
+    "AqSettings",
     "AqlmLinear",
     "AqlmSpec",
     "CalibrationSpec",
+    "MiniViTSpec",
     "ModuleOverride",
     "QuantizedWeight",
     "RiverOneConfig",
     "RiverOneHfQuantizer",
+    "Stage",
+    "StagePlan",
+    "VqcSpec",
     "quantize_weight",
+    "register_stage",
+    "registered_stages",
 ]

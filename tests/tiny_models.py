@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLVisionConfig,
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SiglipVisionConfig,
+    SiglipVisionModel,
     ViTConfig,
     ViTForImageClassification,
 )
 
 # Fast settings for the AQ engine in tests: correctness, not quality.
 FAST_AQLM = {"beam_size": 1, "max_epochs": 1, "steps_per_epoch": 5, "kmeans_iters": 3}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run on one thread: with 2 OpenMP threads on a shared, loaded 2-core machine each small
-    matmul waits at a barrier (measured: 25 ms instead of 0.015 ms). Use: import it into a test module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -72,6 +65,23 @@ def tiny_vit(seed: int = 0, **overrides) -> ViTForImageClassification:
         patch_size=7, num_channels=1, num_labels=10,
     )
     return ViTForImageClassification(ViTConfig(**{**fields, **overrides})).eval()
+
+
+# A 4-block tower on 3x28x28 images, patches of 7, for the CLIP / SigLIP vision models.
+VISION_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "image_size": 28, "patch_size": 7}
+
+
+def tiny_clip_vision(seed: int = 0) -> CLIPVisionModel:
+    """A CLIP vision tower (a CLS token before the patches)."""
+    torch.manual_seed(seed)
+    return CLIPVisionModel(CLIPVisionConfig(**VISION_TOWER)).eval()
+
+
+def tiny_siglip_vision(seed: int = 0) -> SiglipVisionModel:
+    """A SigLIP vision tower (patch tokens only, no CLS)."""
+    torch.manual_seed(seed)
+    return SiglipVisionModel(SiglipVisionConfig(**VISION_TOWER)).eval()
 
 
 def pixel_values(batch: int = 2, channels: int = 1, size: int = 28, seed: int = 2) -> torch.Tensor:

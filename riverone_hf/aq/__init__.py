@@ -2,5 +2,6 @@
 
 from .engine import quantize_weight, relative_output_error
 from .layout import QuantizedWeight
+from .settings import AqScheme, AqSettings, CodebookOptimizer
 
-__all__ = ["QuantizedWeight", "quantize_weight", "relative_output_error"]
+__all__ = ["AqScheme", "AqSettings", "CodebookOptimizer", "QuantizedWeight", "quantize_weight", "relative_output_error"]

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .kmeans import MAX_TILE_COLUMNS, max_inner_product
+from .layout import diagonal_blocks
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 
@@ -280,10 +281,7 @@ def beam_search_codes(
         problem_weight = weight.index_select(1, columns).reshape(num_out_groups, out_group_size, -1)
         problem_codes = codes.index_select(1, order)
         problem_scales = scales
-        diag_blocks = torch.stack(
-            [xtx[i * in_group_size : (i + 1) * in_group_size, i * in_group_size : (i + 1) * in_group_size]
-             for i in range(num_in_groups)]
-        )  # [I, gi, gi]
+        diag_blocks = diagonal_blocks(xtx, in_group_size)  # [I, gi, gi], in visiting order
     norms = _gram_norms(codebooks, diag_blocks)  # [I or 1, M, K]
 
     num_problems, _, width = problem_weight.shape

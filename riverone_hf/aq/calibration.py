@@ -17,15 +17,18 @@ class XtxAccumulator:
     """Running XᵀX / n over every row that passes through one Linear (float64 accumulator)."""
 
     def __init__(self, in_features: int, device=None):
+        """An empty [in_features, in_features] float64 sum on `device`."""
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.rows = 0
 
     def add(self, inputs: torch.Tensor) -> None:
+        """Add the rows of `inputs` [..., in_features] (every leading index is one row)."""
         rows = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
         self.sum.addmm_(rows.T, rows)
         self.rows += rows.shape[0]
 
     def xtx(self) -> torch.Tensor:
+        """[in_features, in_features] float64 XᵀX / n over the rows added so far; ValueError if none."""
         if self.rows == 0:
             raise ValueError("no calibration rows reached this layer")
         return self.sum / self.rows

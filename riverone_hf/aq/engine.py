@@ -10,9 +10,11 @@ or the weight error ||W - Ŵ||² when xtx is None (data-free). The algorithm:
    codes with codebooks and scales fixed (`beam_search.beam_search_codes`). The codebook update is
    `codebook_optimizer="cg"` (default): for fixed codes Ŵ is linear in the codebooks and, per output
    group, in its scale, so the scales are solved in closed form and the codebooks by preconditioned
-   conjugate gradient (`steps_per_epoch` iterations, one [out, in] x [in, in] product each), which
-   reaches in 5 iterations a lower error than 100 Adam steps; or `"adam"`: `steps_per_epoch` Adam steps
-   with `codebook_lr`, as the reference AQLM code does;
+   conjugate gradient (`steps_per_epoch` iterations, one [out, in] x [in, in] product each); or `"adam"`:
+   `steps_per_epoch` Adam steps with `codebook_lr`, as the reference AQLM code does. For fixed codes, 5 CG
+   iterations lower the error further than 100 Adam steps on the test problem of
+   `tests/aq/test_engine.py::test_cg_codebook_update_beats_adam_and_solves_scales`. Both updates apply
+   Ŵ = s ⊙ A(C) through `layout.CodeOperator`, the map `layout.dequantize` uses;
 3. stop once a round improves the objective by less than `relative_tolerance` (relative).
 
 The result is in the `aqlm` layout (`layout.QuantizedWeight`): float32 codebooks and scales, signed codes.
@@ -22,20 +24,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .beam_search import DEFAULT_CHUNK_BYTES as BEAM_CHUNK_BYTES
 from .beam_search import beam_search_codes
 from .kmeans import DEFAULT_CHUNK_BYTES as KMEANS_CHUNK_BYTES
 from .kmeans import residual_kmeans_init
-from .layout import QuantizedWeight, dequantize, pack_codes
-
-if TYPE_CHECKING:
-    from ..config import AqlmSpec
+from .layout import CodeOperator, QuantizedWeight, dequantize, diagonal_blocks, pack_codes
+from .settings import AqSettings, CodebookOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +68,12 @@ def relative_output_error(weight: torch.Tensor, dequantized: torch.Tensor, xtx: 
     return float(numerator / denominator) if denominator > 0 else float(numerator)
 
 
-def _validate(weight: torch.Tensor, xtx: torch.Tensor | None, spec: AqlmSpec, seed: int) -> None:
+def _validate(weight: torch.Tensor, xtx: torch.Tensor | None, settings: AqSettings, seed: int) -> None:
+    """Raise ValueError for inputs `quantize_weight` cannot work on, before any work is done.
+
+    Checks: weight [out, in] floating, non-empty, finite, divisible by the group sizes; xtx [in, in],
+    finite, on weight's device and symmetric; seed a non-negative int.
+    """
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"`weight` must be a 2-D tensor [out_features, in_features], got {shape}")
@@ -79,10 +82,10 @@ def _validate(weight: torch.Tensor, xtx: torch.Tensor | None, spec: AqlmSpec, se
     out_features, in_features = weight.shape
     if out_features == 0 or in_features == 0:
         raise ValueError(f"`weight` is empty, shape {tuple(weight.shape)}")
-    if out_features % spec.out_group_size or in_features % spec.in_group_size:
+    if out_features % settings.out_group_size or in_features % settings.in_group_size:
         raise ValueError(
             f"`weight` shape out={out_features}, in={in_features} is not divisible by "
-            f"out_group_size={spec.out_group_size} / in_group_size={spec.in_group_size}"
+            f"out_group_size={settings.out_group_size} / in_group_size={settings.in_group_size}"
         )
     if not torch.isfinite(weight).all():
         raise ValueError("`weight` holds NaN or infinite values")
@@ -105,12 +108,14 @@ class _Objective:
     """The relative output error of a reconstruction, float64, with the denominator computed once."""
 
     def __init__(self, weight: torch.Tensor, xtx64: torch.Tensor | None):
+        """weight: [out, in]; xtx64: [in, in] float64, or None for the weight error."""
         self.weight64 = weight.double()
         self.xtx64 = xtx64
         total = float(_output_error_terms(self.weight64, xtx64))
         self.denominator = total if total > 0 else 1.0
 
     def __call__(self, dequantized: torch.Tensor) -> float:
+        """[out, in] reconstruction Ŵ -> its relative output error (float64, returned as a float)."""
         return float(_output_error_terms(self.weight64 - dequantized.double(), self.xtx64)) / self.denominator
 
 
@@ -126,112 +131,67 @@ def _adam_steps(
 ) -> float | None:
     """`steps` Adam steps on `codebooks` and `scales` (leaf tensors) for the relative output error.
 
-    The codes are fixed here, so the gradient is written out by hand instead of going through autograd:
-    with G = 2 (Ŵ - W) xtx / denominator (one [out, in] x [in, in] product per step),
-    dL/dscale_o = Σ_i <G_oi, Σ_m C_m[code_oim]> and dL/dC_m[k] = Σ_{(o,i): code_oim = k} scale_o G_oi.
+    The codes are fixed here, so Ŵ = s ⊙ A(C) is the `CodeOperator` of the codes and the gradient is
+    written out with it instead of going through autograd: with G = 2 (Ŵ - W) xtx / denominator (one
+    [out, in] x [in, in] product per step), dL/dC = Aᵀ(s ⊙ G) and dL/ds_o = Σ_i <G_oi, A(C)_oi>.
 
     Args:
         weight: [out, in] float32; xtx: [in, in] float32 or None (identity);
         codes: [O, I, M] int64; codebooks: [M, K, go, gi] and scales: [O, 1, 1, 1] float32 leaves.
+        optimizer: steps `codebooks` and `scales` from the `.grad` written here.
+        steps: Adam steps; denominator: normalisation of the loss.
 
     Returns:
         the loss before the last step (None when steps == 0); raises FloatingPointError if it is non-finite.
     """
-    num_out_groups, num_in_groups, num_codebooks = codes.shape
-    _, codebook_size, out_group_size, in_group_size = codebooks.shape
-    group_dim = out_group_size * in_group_size
-    out_features, in_features = weight.shape
-    offsets = torch.arange(num_codebooks, device=codes.device) * codebook_size
-    flat_index = (codes + offsets).reshape(-1)  # [O*I*M] rows of the flattened codebooks
-    per_codebook_index = (codes + offsets).reshape(-1, num_codebooks).T.contiguous()  # [M, O*I]
+    num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
+    operator = CodeOperator(codes, codebook_size, out_group_size, in_group_size)
     loss_value = None
     for step in range(steps):
         with torch.no_grad():
-            flat_codebooks = codebooks.detach().reshape(num_codebooks * codebook_size, group_dim)
-            unscaled = (
-                flat_codebooks.index_select(0, flat_index).view(-1, num_codebooks, group_dim).sum(1)
-            )  # [O*I, go*gi]
-            unscaled = unscaled.view(num_out_groups, num_in_groups, group_dim)
-            group_scales = scales.detach().view(num_out_groups, 1, 1)
-            w_hat = (unscaled * group_scales).view(num_out_groups, num_in_groups, out_group_size, in_group_size)
-            delta = w_hat.transpose(1, 2).reshape(out_features, in_features) - weight  # [out, in]
+            group_scales = scales.detach().view(-1)  # [O]
+            unscaled = operator.codewords(codebooks.detach().view(num_codebooks * codebook_size, -1))  # [O, I, go*gi]
+            delta = operator.to_weight(unscaled, group_scales) - weight  # Ŵ - W, [out, in]
             grad = delta if xtx is None else delta @ xtx  # [out, in]
             loss = (grad * delta).sum(dtype=torch.float64) / denominator
             loss_value = float(loss)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"AQLM codebook update: the loss is {loss_value} at step {step}")
-            grad = grad.mul(2.0 / denominator).view(num_out_groups, out_group_size, num_in_groups, in_group_size)
-            grad = grad.transpose(1, 2).reshape(num_out_groups, num_in_groups, group_dim)  # [O, I, go*gi]
-            scales.grad = (grad * unscaled).sum((1, 2)).view_as(scales)
-            grad = (grad * group_scales).view(-1, group_dim)  # [O*I, go*gi]
-            codebook_grad = torch.zeros_like(flat_codebooks)
-            for m in range(num_codebooks):
-                codebook_grad.index_add_(0, per_codebook_index[m], grad)
-            codebooks.grad = codebook_grad.view_as(codebooks)
+            grad = grad.mul(2.0 / denominator)
+            scales.grad = (operator.to_groups(grad) * unscaled).sum((1, 2)).view_as(scales)
+            codebooks.grad = operator.adjoint(grad, group_scales).view_as(codebooks)
         optimizer.step()
     return loss_value
 
 
-class _CodeOperator:
-    """The linear map from codebooks to the weight for fixed codes, Ŵ = s ⊙ A(C), and its adjoint.
+def _block_preconditioner(
+    operator: CodeOperator, scales: torch.Tensor, diag_blocks: torch.Tensor | None
+) -> torch.Tensor:
+    """Inverse of the block diagonal of AᵀsHsA per codeword: [M*K, gi, gi] (the same for its go rows).
 
-    Shapes: codes [O, I, M]; codebooks [M*K, go*gi] (flat); scales [O]; weights [out, in].
+    Block of codeword k: Σ over the (o, i) that use it of s_o² H_ii (identity blocks when H is None), with a
+    small ridge so that it is invertible; a codeword no group uses gets the identity.
+
+    Args:
+        operator: the `CodeOperator` of the current codes; scales: [O];
+        diag_blocks: [I, gi, gi] from `layout.diagonal_blocks`, or None (H = identity).
     """
-
-    def __init__(self, codes: torch.Tensor, codebook_size: int, out_group_size: int, in_group_size: int):
-        self.num_out_groups, self.num_in_groups, self.num_codebooks = codes.shape
-        self.codebook_size = codebook_size
-        self.out_group_size, self.in_group_size = out_group_size, in_group_size
-        offsets = torch.arange(self.num_codebooks, device=codes.device) * codebook_size
-        self.index = (codes + offsets).reshape(-1, self.num_codebooks)  # [O*I, M] rows of the flat codebooks
-        self.per_codebook = self.index.T.contiguous()  # [M, O*I]
-
-    def apply(self, flat_codebooks: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-        """[M*K, go*gi] -> [out, in]; scales [O] or None (unscaled)."""
-        groups = F.embedding_bag(self.index, flat_codebooks, mode="sum")  # [O*I, go*gi]
-        groups = groups.view(self.num_out_groups, self.num_in_groups, self.out_group_size, self.in_group_size)
-        if scales is not None:
-            groups = groups * scales.view(-1, 1, 1, 1)
-        return groups.transpose(1, 2).reshape(
-            self.num_out_groups * self.out_group_size, self.num_in_groups * self.in_group_size
-        )
-
-    def adjoint(self, matrix: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """[out, in] -> [M*K, go*gi]: Σ over the groups using each codeword of scale · that group of `matrix`."""
-        groups = matrix.view(self.num_out_groups, self.out_group_size, self.num_in_groups, self.in_group_size)
-        groups = (groups * scales.view(-1, 1, 1, 1)).transpose(1, 2).reshape(self.index.shape[0], -1)
-        out = torch.zeros(
-            self.num_codebooks * self.codebook_size, groups.shape[1], dtype=matrix.dtype, device=matrix.device
-        )
-        for m in range(self.num_codebooks):
-            out.index_add_(0, self.per_codebook[m], groups)
-        return out
-
-    def block_preconditioner(self, scales: torch.Tensor, diag_blocks: torch.Tensor | None) -> torch.Tensor:
-        """Inverse of the block diagonal of AᵀsHsA per codeword: [M*K, gi, gi] (the same for its go rows).
-
-        Block of codeword k: Σ over the (o, i) that use it of s_o² H_ii (identity blocks when H is None).
-        """
-        in_group_size = self.in_group_size
-        weights = scales.square().repeat_interleave(self.num_in_groups)  # [O*I]
-        if diag_blocks is None:
-            contributions = weights[:, None]  # [O*I, 1]: multiples of the identity
-        else:
-            contributions = (weights.view(self.num_out_groups, self.num_in_groups, 1) * diag_blocks.reshape(
-                1, self.num_in_groups, -1)).reshape(-1, in_group_size * in_group_size)  # [O*I, gi*gi]
-        blocks = torch.zeros(
-            self.num_codebooks * self.codebook_size, contributions.shape[1], dtype=scales.dtype, device=scales.device
-        )
-        for m in range(self.num_codebooks):
-            blocks.index_add_(0, self.per_codebook[m], contributions)
-        eye = torch.eye(in_group_size, dtype=scales.dtype, device=scales.device)
-        if diag_blocks is None:
-            blocks = blocks[:, :, None] * eye
-        blocks = blocks.view(-1, in_group_size, in_group_size)
-        size = blocks.diagonal(dim1=-2, dim2=-1).mean(-1)  # [M*K]
-        unused = size <= 0  # a codeword no group uses: no curvature, and no gradient either
-        ridge = torch.where(unused, torch.ones_like(size), 1e-6 * size)
-        return torch.linalg.inv(blocks + ridge[:, None, None] * eye)
+    in_group_size, num_in_groups = operator.in_group_size, operator.num_in_groups
+    weights = scales.square().repeat_interleave(num_in_groups)  # [O*I]
+    if diag_blocks is None:
+        contributions = weights[:, None]  # [O*I, 1]: multiples of the identity
+    else:
+        contributions = (weights.view(operator.num_out_groups, num_in_groups, 1) * diag_blocks.reshape(
+            1, num_in_groups, -1)).reshape(-1, in_group_size * in_group_size)  # [O*I, gi*gi]
+    blocks = operator.sum_per_codeword(contributions)  # [M*K, 1 or gi*gi]
+    eye = torch.eye(in_group_size, dtype=scales.dtype, device=scales.device)
+    if diag_blocks is None:
+        blocks = blocks[:, :, None] * eye
+    blocks = blocks.view(-1, in_group_size, in_group_size)
+    size = blocks.diagonal(dim1=-2, dim2=-1).mean(-1)  # [M*K]
+    unused = size <= 0  # a codeword no group uses: no curvature, and no gradient either
+    ridge = torch.where(unused, torch.ones_like(size), 1e-6 * size)
+    return torch.linalg.inv(blocks + ridge[:, None, None] * eye)
 
 
 def _codebook_update_cg(
@@ -263,22 +223,19 @@ def _codebook_update_cg(
         new codebooks, new scales (same shapes) and the relative loss after the first scale solve;
         raises FloatingPointError when that loss is non-finite.
     """
-    num_out_groups, num_in_groups, _ = codes.shape
+    num_out_groups = codes.shape[0]
     num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
-    operator = _CodeOperator(codes, codebook_size, out_group_size, in_group_size)
+    operator = CodeOperator(codes, codebook_size, out_group_size, in_group_size)
     flat = codebooks.detach().reshape(num_codebooks * codebook_size, -1).clone()  # [M*K, go*gi]
     group_scales = scales.detach().reshape(num_out_groups).clone()  # [O]
-    diag_blocks = None
-    if xtx is not None:
-        diag_blocks = torch.stack(
-            [xtx[i * in_group_size : (i + 1) * in_group_size, i * in_group_size : (i + 1) * in_group_size]
-             for i in range(num_in_groups)]
-        )  # [I, gi, gi]
+    diag_blocks = None if xtx is None else diagonal_blocks(xtx, in_group_size)  # [I, gi, gi]
 
     def times_h(matrix: torch.Tensor) -> torch.Tensor:
+        """[out, in] -> matrix · xtx (the matrix itself when xtx is None)."""
         return matrix if xtx is None else matrix @ xtx
 
     def per_group(matrix: torch.Tensor) -> torch.Tensor:
+        """[out, in] -> [O] float64 sum over each output group's rows."""
         return matrix.reshape(num_out_groups, -1).sum(-1, dtype=torch.float64)
 
     loss_value = None
@@ -299,9 +256,10 @@ def _codebook_update_cg(
         steps = min(CG_ITERATIONS_PER_SCALE_SOLVE, iterations - done)
         if steps <= 0:
             break
-        inverse_blocks = operator.block_preconditioner(group_scales, diag_blocks)  # [M*K, gi, gi]
+        inverse_blocks = _block_preconditioner(operator, group_scales, diag_blocks)  # [M*K, gi, gi]
 
         def precondition(vector: torch.Tensor) -> torch.Tensor:
+            """[M*K, go*gi] -> the same with each codeword's gi-blocks times its inverse Hessian block."""
             return (vector.view(-1, out_group_size, in_group_size) @ inverse_blocks).view_as(vector)
 
         gradient = operator.adjoint(residual_h, group_scales)  # minus the gradient of ½ loss, [M*K, go*gi]
@@ -331,7 +289,7 @@ def _codebook_update_cg(
 def quantize_weight(
     weight: torch.Tensor,
     xtx: torch.Tensor | None = None,
-    spec: AqlmSpec | None = None,
+    settings: AqSettings | None = None,
     seed: int | None = None,
     *,
     max_chunk_bytes: int | None = None,
@@ -342,9 +300,9 @@ def quantize_weight(
         weight: [out_features, in_features] float tensor (cast to float32 for the work).
         xtx: [in_features, in_features] XᵀX / n of the layer's calibration inputs (float64 recommended),
             or None for the data-free weight objective.
-        spec: `AqlmSpec` (scheme, beam size, rounds, codebook update, tolerance, k-means iterations, seed);
-            defaults to `AqlmSpec()`.
-        seed: overrides `spec.seed`; the same seed gives bit-identical codes on the same machine/threads.
+        settings: `AqSettings` (scheme, beam size, rounds, codebook update, tolerance, k-means iterations, seed),
+            e.g. the AQLM stage's `AqlmSpec`; defaults to `AqSettings()`.
+        seed: overrides `settings.seed`; the same seed gives bit-identical codes on the same machine/threads.
         max_chunk_bytes: memory knob for the k-means and beam-search working sets (per chunk of
             output groups); None uses the modules' defaults.
 
@@ -356,17 +314,15 @@ def quantize_weight(
         ValueError: bad shapes, non-finite inputs, a non-symmetric xtx, or a bad seed.
         FloatingPointError: the objective became non-finite during the codebook update.
     """
-    if spec is None:
-        from ..config import AqlmSpec  # lazy: this module does not import transformers
-
-        spec = AqlmSpec()
-    seed = spec.seed if seed is None else seed
-    _validate(weight, xtx, spec, seed)
+    if settings is None:
+        settings = AqSettings()
+    seed = settings.seed if seed is None else seed
+    _validate(weight, xtx, settings, seed)
 
     started = time.perf_counter()
     out_features, in_features = weight.shape
-    num_codebooks, nbits = spec.num_codebooks, spec.nbits_per_codebook
-    out_group_size, in_group_size = spec.out_group_size, spec.in_group_size
+    num_codebooks, nbits = settings.num_codebooks, settings.nbits_per_codebook
+    out_group_size, in_group_size = settings.out_group_size, settings.in_group_size
     codebook_size = 2**nbits
     num_out_groups, num_in_groups = out_features // out_group_size, in_features // in_group_size
     generator = torch.Generator().manual_seed(seed)
@@ -389,7 +345,7 @@ def quantize_weight(
             num_codebooks=num_codebooks,
             codebook_size=codebook_size,
             generator=generator,
-            max_iters=spec.kmeans_iters,
+            max_iters=settings.kmeans_iters,
             max_chunk_bytes=kmeans_bytes,
             tolerance=KMEANS_TOLERANCE,
         )
@@ -412,26 +368,28 @@ def quantize_weight(
     )
 
     best = (error, codes, codebooks.clone(), scales.clone())
-    use_adam = spec.codebook_optimizer == "adam"
+    use_adam = settings.codebook_optimizer == CodebookOptimizer.ADAM
     if use_adam:
         codebooks.requires_grad_(True)
         scales.requires_grad_(True)
         optimizer = torch.optim.Adam(
-            [codebooks, scales], lr=spec.codebook_lr, betas=ADAM_BETAS, amsgrad=ADAM_AMSGRAD
+            [codebooks, scales], lr=settings.codebook_lr, betas=ADAM_BETAS, amsgrad=ADAM_AMSGRAD
         )
     else:
         with torch.no_grad():
             weight_h = weight if xtx32 is None else weight @ xtx32  # [out, in], fixed for the whole run
     epochs_run = 0
-    progress = tqdm(range(spec.max_epochs), desc="AQLM rounds", leave=False)
+    progress = tqdm(range(settings.max_epochs), desc="AQLM rounds", leave=False)
     for epoch in progress:
         round_started = time.perf_counter()
         if use_adam:
-            _adam_steps(weight, xtx32, codes, codebooks, scales, optimizer, spec.steps_per_epoch, objective.denominator)
+            _adam_steps(
+                weight, xtx32, codes, codebooks, scales, optimizer, settings.steps_per_epoch, objective.denominator
+            )
         else:
             with torch.no_grad():
                 codebooks, scales, _ = _codebook_update_cg(
-                    weight, weight_h, xtx32, codes, codebooks, scales, spec.steps_per_epoch, objective.denominator
+                    weight, weight_h, xtx32, codes, codebooks, scales, settings.steps_per_epoch, objective.denominator
                 )
         update_seconds = time.perf_counter() - round_started
         with torch.no_grad():
@@ -441,7 +399,7 @@ def quantize_weight(
                 codebooks,
                 scales,
                 xtx32,
-                beam_size=spec.beam_size,
+                beam_size=settings.beam_size,
                 generator=generator,
                 max_chunk_bytes=beam_bytes,
             )
@@ -461,7 +419,7 @@ def quantize_weight(
         if new_error < best[0]:
             best = (new_error, codes, codebooks.detach().clone(), scales.detach().clone())
         error = new_error
-        if gain < spec.relative_tolerance:
+        if gain < settings.relative_tolerance:
             break
     progress.close()
 

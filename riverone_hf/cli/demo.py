@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from ..config import RiverOneConfig
 from .demo_assets import load_smollm2, read_shipped_text, shipped_text_path
 from ..metrics.perplexity import perplexity
-from .fileio import atomic_output_dir, check_output_dir
+from ..fileio import atomic_output_dir, check_output_dir
 from ..metrics.sizes import size_report
 
 logger = logging.getLogger(__name__)

@@ -130,9 +130,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     ``nn.Linear`` whatever GGUF kernels are installed, and transformers' GGUF quantizer is detached
     (no ``hf_quantizer``, no ``config.quantization_config``), leaving the model trainable, savable
     and ready to be compressed. ``lm_head`` is tied to the input embeddings, as in the release.
-
-    The seconds the load took are logged at INFO level and stored on the model as
-    ``model.riverone_load_seconds``. Measured on a 2-core CPU with 2 torch threads: about 15 s.
+    The seconds the load took are logged at INFO level.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -146,7 +144,5 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
         quantization_config=GgufConfig(dequantize=True),
     )
     model.eval()
-    seconds = time.perf_counter() - start
-    model.riverone_load_seconds = seconds
-    logger.info("loaded SmolLM2-135M-Instruct from %s in %.1f s (dtype %s)", gguf, seconds, dtype)
+    logger.info("loaded SmolLM2-135M-Instruct from %s in %.1f s (dtype %s)", gguf, time.perf_counter() - start, dtype)
     return model, tokenizer

@@ -1,20 +1,22 @@
-"""`riverone` console script: a thin layer over the library (quantize, export, demo)."""
+"""`riverone` console script: a thin layer over the library (quantize, export, evaluate, verify, demo)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 
 def _quantize(args) -> None:
     from ..config import RiverOneConfig, load_config_file
-    from .pipeline import parse_dtype, quantize_checkpoint
     from ..metrics.sizes import size_report
+    from .pipeline import parse_dtype, quantize_checkpoint, stage_reports
 
     config = load_config_file(args.config) if args.config else RiverOneConfig(aqlm={})
     model = quantize_checkpoint(args.src, args.out, config, dtype=parse_dtype(args.dtype), overwrite=args.overwrite)
     print(f"wrote {args.out}")
+    print("\n".join(stage_reports(model)))
     print("\n".join(size_report(model).lines()))
 
 
@@ -23,6 +25,38 @@ def _export(args) -> None:
 
     export_aqlm(args.src, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out} (format {args.format}: loads with stock transformers + the aqlm package)")
+
+
+def _evaluate(args) -> None:
+    import shlex
+
+    from ..metrics.evaluation import RESULTS_FILE, evaluate_checkpoint
+
+    command = shlex.join(["riverone", "evaluate", args.path, "--text", args.text, "--seq-len", str(args.seq_len),
+                          "--batch-size", str(args.batch_size)]
+                         + (["--max-windows", str(args.max_windows)] if args.max_windows is not None else []))
+    results = evaluate_checkpoint(args.path, args.text, seq_len=args.seq_len, max_windows=args.max_windows,
+                                  batch_size=args.batch_size, command=command)
+    for e in results["evaluations"]:
+        s = e["settings"]
+        print(f"{e['metric']}: {e['value']:.4f} on {e['dataset']['name']} (sha256 {e['dataset']['sha256'][:12]}..., "
+              f"{s['num_windows']} windows x {s['seq_len']} tokens, {s['num_predicted_tokens']} predicted tokens)")
+    print(f"wrote {args.path}/{RESULTS_FILE}")
+
+
+def _verify(args) -> None:
+    import time
+
+    from ..integrity import verify_checkpoint
+
+    start = time.perf_counter()
+    report = verify_checkpoint(args.path)
+    seconds = time.perf_counter() - start
+    if not report["hashed"]:
+        raise ValueError(f"{args.path} records no riverone hashes (saved by an older riverone_hf): nothing to "
+                         "verify against; re-save it with save_pretrained to record them")
+    print(f"{args.path}: OK, {report['tensors']} tensors in {report['files']} file(s), "
+          f"{report['bytes'] / 2**20:.1f} MiB hashed in {seconds:.2f} s (sha256)")
 
 
 def _demo(args) -> None:
@@ -52,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     export.set_defaults(func=_export)
 
+    evaluate = sub.add_parser("evaluate", help="measure a checkpoint; write riverone_results.json beside it")
+    evaluate.add_argument("path", help="checkpoint directory (riverone or dense)")
+    evaluate.add_argument("--text", required=True, help="UTF-8 held-out text file (not the calibration text)")
+    evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window (default 512)")
+    evaluate.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    evaluate.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    evaluate.set_defaults(func=_evaluate)
+
+    verify = sub.add_parser("verify", help="check a riverone checkpoint's files against the hashes saved with it")
+    verify.add_argument("path", help="riverone checkpoint directory")
+    verify.set_defaults(func=_verify)
+
     demo = sub.add_parser("demo", help="quantize SmolLM2-135M on shipped text and report size and perplexity")
     demo.add_argument("--out", default=None, help="also save the quantized model here")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -63,14 +109,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
         args.func(args)
     except (ValueError, ImportError) as err:
         print(f"riverone {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"riverone {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        print(f"riverone {args.command}: interrupted; the output directory was left as it was before "
+              "(nothing partially written)", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import shutil
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from ..config import RiverOneConfig
-from .fileio import atomic_output_dir, check_output_dir
+from ..config import RiverOneConfig, get_stage
+from ..fileio import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -54,3 +54,12 @@ def quantize_checkpoint(src: str, out: str, config: RiverOneConfig, dtype: torch
     model = model_cls.from_pretrained(src, quantization_config=config, dtype=dtype)
     save_with_side_files(model, src, out, overwrite)
     return model
+
+
+def stage_reports(model) -> list[str]:
+    """What each stage did to `model` (its `Stage.report` over the model's `quantization_map`), for printing."""
+    config = model.config.quantization_config
+    lines: list[str] = []
+    for name, entries in config.map_entries_by_stage().items():
+        lines += get_stage(name).report(model, entries)
+    return lines

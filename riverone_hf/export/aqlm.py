@@ -1,7 +1,7 @@
 """Export a riverone AQLM checkpoint for stock transformers (`AqlmConfig`) + the `aqlm` package.
 
 The tensors already use the aqlm layout and names, so export copies the checkpoint files and rewrites
-`quantization_config` as an `AqlmConfig` whose `linear_weights_not_to_quantize` lists every Linear that
+`quantization_config` as an `AqlmConfig` (dropping riverone's guard tensor and hashes) whose `linear_weights_not_to_quantize` lists every Linear that
 riverone left dense (module names AND `<name>.weight`, which transformers 5.x and the aqlm converter
 each expect). Stock AQLM has one global scheme, so mixed schemes and non-AQLM stages are refused.
 """
@@ -17,8 +17,10 @@ from torch import nn
 from transformers import AqlmConfig, AutoConfig
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from ..config import SCHEME_FIELDS, RiverOneConfig
-from ..cli.fileio import atomic_output_dir
+from .. import integrity
+from ..aq.settings import SCHEME_FIELDS
+from ..config import RiverOneConfig
+from ..fileio import atomic_output_dir
 
 
 def _linear_names(config) -> list[str]:
@@ -56,6 +58,19 @@ def stock_aqlm_config(src: str) -> AqlmConfig:
     return AqlmConfig(**dict(zip(SCHEME_FIELDS, schemes.pop())), linear_weights_not_to_quantize=not_to_quantize)
 
 
+def _write_without_riverone_parts(src: str, dst: str) -> None:
+    """Copy a weight file without what only riverone reads: the no-plugin guard tensor (stock transformers
+    would report it as an unexpected key) and the `riverone.*` metadata (hashes of a file that changed)."""
+    from safetensors.torch import load_file, save_file
+
+    metadata = integrity.file_metadata(src)
+    guard = metadata.get(integrity.GUARD_MODULE_KEY)
+    tensors = load_file(src)
+    if guard is not None:
+        tensors.pop(f"{guard}.{integrity.GUARD_SUFFIX}", None)
+    save_file(tensors, dst, metadata={k: v for k, v in metadata.items() if not k.startswith("riverone.")})
+
+
 def export_aqlm(src: str, out: str, overwrite: bool = False) -> AqlmConfig:
     """Write to `out` a copy of the riverone checkpoint `src` that stock transformers + aqlm load."""
     aqlm_config = stock_aqlm_config(src)
@@ -64,7 +79,9 @@ def export_aqlm(src: str, out: str, overwrite: bool = False) -> AqlmConfig:
             path = os.path.join(src, name)
             if name.endswith((".bin", ".pt", ".pth", ".pkl")):
                 raise ValueError(f"{path}: only safetensors checkpoints are exported (nothing is unpickled)")
-            if os.path.isfile(path):
+            if name.endswith(".safetensors"):
+                _write_without_riverone_parts(path, os.path.join(tmp, name))
+            elif os.path.isfile(path):
                 shutil.copy2(path, os.path.join(tmp, name))
         config_path = os.path.join(tmp, "config.json")
         with open(config_path, encoding="utf-8") as handle:

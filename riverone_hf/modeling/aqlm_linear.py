@@ -10,12 +10,19 @@ Forward paths, chosen per call:
   - gradients wanted for codebooks/scales (PV-Tuning), or no kernel fits: the differentiable
     `dequantize()` + `F.linear`;
   - CUDA: the `aqlm` package's CUDA/Triton kernels (its kernel selector);
-  - CPU: riverone's own kernels (`cpu_kernels.py`: lookup tables for 8-bit codebooks at decode,
+  - CPU: riverone's own kernels (`kernels/cpu.py`: lookup tables for 8-bit codebooks at decode,
     register-rebuilt groups, blocked GEMM, or dequantize + MKL for long inputs), prepared once per
-    module and refreshed when the parameters change; the stored codes are never permuted in place (the
-    `aqlm` package's CPU kernel does that, and races with more than one numba thread). Set
-    `cache_dense_weight = True` on a module to keep its dequantized fp32 weight for long inputs
-    (4 bytes per weight: trades memory for prefill speed).
+    module; the stored codes are never permuted in place (the `aqlm` package's CPU kernel does that,
+    and races with more than one numba thread). Set `cache_dense_weight = True` on a module to keep its
+    dequantized fp32 weight for long inputs (4 bytes per weight: trades memory for prefill speed).
+
+The prepared CPU kernel is keyed on `tensor_key` of the live parameters, so tracked in-place updates
+(under `torch.no_grad()`, `copy_`, `load_state_dict`, optimizer steps), `param.data = new`, replaced
+Parameters and `.to()` make the next forward prepare a new one (swapped in, never modified: another
+thread may be using the old one). Writes through `param.data.<op>_()` bump no version counter: for the
+codebooks and scales `cpu_matmul` compares their content where its kernel reads a derived copy (and
+this module then prepares again); for the codes they go unnoticed by the lookup-table kernel and the
+cached dense weight (see `kernels/cpu.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..aq.layout import QuantizedWeight, code_dtype, dequantize
-from ..kernels.cpu import cpu_matmul, prepare_cpu_kernel
+from ..kernels.cpu import PreparedCpuKernel, StaleKernelError, cpu_matmul, prepare_cpu_kernel
+from ..kernels.tensor_key import tensor_key
 
 # The aqlm package switches from its matrix-vector to its matrix-matrix kernels above this many rows.
 _AQLM_GEMV_MAX_ROWS = 6
@@ -74,7 +82,7 @@ class AqlmLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.cache_dense_weight = False
-        self._cpu_prepared = None  # (source tensors, prepared CPU kernel or None), built on first CPU call
+        self._cpu_prepared: PreparedCpuKernel | None = None  # for the live parameters, see `_cpu_kernel`
 
     @classmethod
     def from_quantized(cls, quantized: QuantizedWeight, bias: torch.Tensor | None = None, dtype=None) -> AqlmLinear:
@@ -101,9 +109,6 @@ class AqlmLinear(nn.Module):
                 module.bias.copy_(bias)
         return module
 
-    def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.codes.data, self.codebooks.data, self.scales.data)
-
     def dequantize(self) -> torch.Tensor:
         """The [out_features, in_features] weight; differentiable in codebooks and scales."""
         return dequantize(self.codes, self.codebooks, self.scales)
@@ -115,22 +120,37 @@ class AqlmLinear(nn.Module):
         if not self._wants_grad():
             if input.is_cuda:
                 return self._aqlm_cuda_forward(input)
-            prepared = self._cpu_kernel() if input.device.type == "cpu" else None
-            if prepared is not None:
-                return cpu_matmul(input, prepared, self.bias)
-        return F.linear(input, self.dequantize().to(input.dtype), self.bias)
+            if input.device.type == "cpu":
+                out = self._cpu_forward(input)
+                if out is not None:
+                    return out
+        bias = None if self.bias is None else self.bias.to(input.dtype)
+        return F.linear(input, self.dequantize().to(input.dtype), bias)
 
-    def _cpu_kernel(self):
-        """The prepared CPU kernel for the current parameters (None when no kernel runs here)."""
-        sources = (self.codes, self.codebooks, self.scales, self.cache_dense_weight)
-        cached = self._cpu_prepared
-        if cached is None or any(a is not b for a, b in zip(cached[0], sources)):
-            prepared = prepare_cpu_kernel(
-                self.codes.detach(), self.codebooks.detach(), self.scales.detach(),
-                cache_dense_weight=self.cache_dense_weight,
-            )
-            self._cpu_prepared = cached = (sources, prepared)
-        return cached[1]
+    def _cpu_forward(self, input: torch.Tensor) -> torch.Tensor | None:
+        """riverone's CPU kernels on the live parameters, or None when no kernel runs here."""
+        prepared = self._cpu_kernel()
+        if prepared is None:
+            return None
+        try:
+            return cpu_matmul(input, prepared, self.bias)
+        except StaleKernelError:  # codebooks/scales written through `.data`: no version counter saw it
+            self._cpu_prepared = None
+            return self._cpu_forward(input)  # a freshly prepared kernel is current
+
+    def _cpu_kernel(self) -> PreparedCpuKernel | None:
+        """The prepared CPU kernel, prepared anew when the live parameters' `tensor_key` or
+        `cache_dense_weight` changed (None when no kernel runs here)."""
+        sources = (self.codes, self.codebooks, self.scales)
+        prepared = self._cpu_prepared
+        if (
+            prepared is None
+            or prepared.key != tensor_key(*sources)
+            or prepared.cache_dense_weight != self.cache_dense_weight
+        ):
+            prepared = prepare_cpu_kernel(*sources, cache_dense_weight=self.cache_dense_weight)
+            self._cpu_prepared = prepared
+        return prepared
 
     def _aqlm_cuda_forward(self, input: torch.Tensor) -> torch.Tensor:
         from aqlm.inference_kernels import get_forward_pass_kernel

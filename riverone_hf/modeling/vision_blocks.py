@@ -8,7 +8,6 @@ function can take its place, and its patch embedding is a `Conv2d` whose output 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -24,7 +23,7 @@ class VisionAdapter:
         attention: inside a block, the attention module (it calls `ALL_ATTENTION_FUNCTIONS`).
         mlp: inside a block, the MLP module (called with the normed hidden states as first argument).
         patch_embedding: the `Conv2d` that cuts the image into patches (its output is [B, C, H, W]).
-        prefix_tokens: number of tokens before the patch tokens (CLS, registers), from the tower config.
+        num_prefix_tokens: number of tokens before the patch tokens (CLS, registers).
     """
 
     model_type: str
@@ -32,27 +31,17 @@ class VisionAdapter:
     attention: str
     mlp: str
     patch_embedding: str
-    prefix_tokens: Callable[[object], int]
-
-
-def _one_cls_token(config) -> int:
-    return 1
-
-
-def _no_prefix_token(config) -> int:
-    return 0
+    num_prefix_tokens: int
 
 
 ADAPTERS: dict[str, VisionAdapter] = {
     adapter.model_type: adapter
     for adapter in (
         VisionAdapter("internvl_vision", "encoder.layer", "attention", "mlp",
-                      "embeddings.patch_embeddings.projection", _one_cls_token),
-        VisionAdapter("vit", "layers", "attention", "mlp", "embeddings.patch_embeddings.projection", _one_cls_token),
-        VisionAdapter("clip_vision_model", "encoder.layers", "self_attn", "mlp", "embeddings.patch_embedding",
-                      _one_cls_token),
-        VisionAdapter("siglip_vision_model", "encoder.layers", "self_attn", "mlp", "embeddings.patch_embedding",
-                      _no_prefix_token),
+                      "embeddings.patch_embeddings.projection", 1),
+        VisionAdapter("vit", "layers", "attention", "mlp", "embeddings.patch_embeddings.projection", 1),
+        VisionAdapter("clip_vision_model", "encoder.layers", "self_attn", "mlp", "embeddings.patch_embedding", 1),
+        VisionAdapter("siglip_vision_model", "encoder.layers", "self_attn", "mlp", "embeddings.patch_embedding", 0),
     )
 }
 
@@ -93,7 +82,7 @@ class VisionTower:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return self.adapter.prefix_tokens(self.config)
+        return self.adapter.num_prefix_tokens
 
     @property
     def patch_embedding(self) -> nn.Conv2d:

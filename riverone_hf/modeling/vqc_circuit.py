@@ -25,8 +25,8 @@ import math
 import torch
 from torch import nn
 
-from ..config import MAX_VQC_EXACT_NOISE_WIRES
-
+MAX_VQC_WIRES = 12  # state-vector simulation: 2^wires amplitudes per circuit evaluation
+MAX_VQC_EXACT_NOISE_WIRES = 8  # default.mixed: a 4^wires density matrix per circuit evaluation
 PENNYLANE_INSTALL_COMMAND = "pip install 'riverone_hf[vqc]'  (or: pip install pennylane)"
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..aq import relative_output_error
+from ..kernels.tensor_key import tensor_key
 from .low_rank import LowRankObjective, truncated_svd
 from .vqc_circuit import CircuitFeatures, LearnedFeatures
 
@@ -157,7 +158,7 @@ class GeneratedLinear(nn.Module):
         return u @ v.T
 
     def _cache_key(self) -> tuple:
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.generator_parameters())
+        return tensor_key(*self.generator_parameters())
 
     def _cached_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         key = self._cache_key()

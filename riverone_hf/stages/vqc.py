@@ -1,24 +1,22 @@
 """The VQC stage: swap the Linears that `vqc.target_modules` names for `VQCGeneratedLinear`s whose
 weight a variational circuit + hypernetwork generates, fitted to the weight each one replaces.
 
-Stage protocol (see `hf_quantizer.STAGES`): `plan` on the meta skeleton (bad regexes, ranks, claimed or
-tied Linears fail here, before any weight loads), `apply` after the dense weights load, `rebuild` for
-a riverone checkpoint. Order of stages: minivit -> vqc -> aqlm. A Linear (or anything inside a module)
-that MiniViT claimed is left to MiniViT; a Linear VQC takes is in `plan.claimed`, so AQLM leaves it alone
-(VQC wins over AQLM).
+`plan` runs on the meta skeleton (bad regexes, ranks, claimed or tied Linears fail there, before any
+weight loads), `apply` after the dense weights load, `rebuild` for a riverone checkpoint. Order of
+stages: minivit -> vqc -> aqlm. A Linear (or anything inside a module) that MiniViT claimed is left to
+MiniViT; a Linear VQC takes is in its plan's `claimed`, so AQLM leaves it alone (VQC wins over AQLM).
+PennyLane is needed (`required_packages`): the quantizer's `validate_environment` raises ImportError
+with the pip command for a VQC config or checkpoint when it is missing.
 
-Importing this module raises ImportError with the pip command when PennyLane is missing: the quantizer's
-`validate_environment` imports the stage of every configured or recorded stage, so a VQC config or
-checkpoint fails there, first.
-
-`apply` prints the accounting table (`modeling.vqc_accounting`): per layer, stored numbers against the
+`apply` logs the accounting table (`metrics.vqc_accounting`): per layer, stored numbers against the
 dense matrix and the relative error against the original weight, beside truncated SVD and the
-classical-vector ablation at the same budget; each layer's row is also kept in its quantization_map
-entry under "report".
+classical-vector ablation at the same budget; each layer's row is kept in its quantization_map entry
+under "report", and `report()` formats them for the commands that print.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import zlib
 from dataclasses import dataclass, field
@@ -27,32 +25,101 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import VqcSpec
-from ..modeling.vqc_circuit import require_pennylane
-from .targeting import is_claimed, linears_matching, tied_module_names
-
-require_pennylane("The VQC stage (riverone `vqc` config or checkpoint)")
-
+from ..config import StagePlan
 from ..metrics.vqc_accounting import LayerAccount, account_layer, classical_twin, format_accounts
+from ..modeling.vqc_circuit import MAX_VQC_EXACT_NOISE_WIRES, MAX_VQC_WIRES
 from ..modeling.vqc_linear import VQCGeneratedLinear
+from ..validation import require, require_bool, require_choice, require_int, require_number, require_regex, spec_from_dict
+from .calibration_data import CalibratedStage, CalibrationSpec
+from .targeting import is_claimed, linears_matching, tied_module_names
 
 logger = logging.getLogger(__name__)
 
-STAGE = "vqc"
 REBUILD_FIELDS = ("in_features", "out_features", "bias", "n_wires", "n_layers", "rank", "hidden_size",
                   "chunk_size", "noise_probability", "exact_noise")
 
 
-@dataclass
-class VqcPlan:
-    """What `apply` will do: the Linears to swap, and calibration windows (or None)."""
+class VqcInit(str, enum.Enum):
+    """How a swapped Linear's generator starts."""
 
-    modules: list[str]
-    windows: torch.Tensor | None = None
-    claimed: set[str] = field(init=False)
+    FIT = "fit"
+    """least-squares warm start, then Adam, towards the replaced weight (or its outputs, with calibration)."""
+    RANDOM = "random"
+    """the seeded random initialisation, not fitted."""
+
+
+@dataclass
+class VqcSpec:
+    """Swap chosen Linears for `VQCGeneratedLinear`: a variational circuit (PennyLane) whose
+    measurements drive a chunked hypernetwork that generates the weight as low-rank factors W = U Vᵀ.
+    The VQC stage runs after MiniViT and before AQLM: a Linear it takes is left alone by AQLM.
+
+    Args:
+        target_modules (`list[str]`): regexes, `re.fullmatch` against full module names; each must match a Linear.
+        n_wires (`int`, defaults to 4): qubits of the circuit, 1..12 (1..8 with `exact_noise`).
+        n_layers (`int`, defaults to 2): layers of trainable RX, RY, RZ + CNOT ring.
+        rank (`int`, defaults to 8): rank r of W = U Vᵀ, at most min(in, out) of every targeted Linear.
+        hidden_size (`int`, defaults to 32): hidden width of the hypernetwork.
+        chunk_size (`int`, defaults to 64): rows of U (and V) emitted per chunk, each chunk with its own context.
+        noise_probability (`float`, defaults to 0.0): depolarizing noise per wire and layer, training mode only.
+        exact_noise (`bool`, defaults to False): simulate the noise channel exactly with `default.mixed` (slow)
+            instead of sampling one Pauli trajectory per chunk and call.
+        init (`str`, defaults to "fit"): "fit" the generator to the replaced weight, or "random".
+        init_steps (`int`, defaults to 200): Adam steps of the "fit" initialisation (after a least-squares warm start).
+        init_lr (`float`, defaults to 1e-3): Adam learning rate of the "fit" initialisation.
+        calibration (`CalibrationSpec` or dict, optional): local text; "fit" then minimises the output error
+            through XᵀX of each Linear's inputs instead of the weight error.
+        baselines (`bool`, defaults to True): also fit the classical-vector ablation (doubles the fit time) for
+            the accounting table; the truncated-SVD baseline is always measured.
+        seed (`int`, defaults to 0): seed of the initialisation.
+    """
+
+    target_modules: list[str] = field(
+        default_factory=list, metadata={"help": "Regexes, re.fullmatch against full module names; each must match."}
+    )
+    n_wires: int = field(default=4, metadata={"help": f"Qubits, 1..{MAX_VQC_WIRES}."})
+    n_layers: int = field(default=2, metadata={"help": "Circuit layers (RX, RY, RZ + CNOT ring), >= 1."})
+    rank: int = field(default=8, metadata={"help": "Rank r of W = U Vᵀ, <= min(in, out) of each target."})
+    hidden_size: int = field(default=32, metadata={"help": "Hypernetwork width, >= 1."})
+    chunk_size: int = field(default=64, metadata={"help": "Rows of U / V emitted per chunk, >= 1."})
+    noise_probability: float = field(default=0.0, metadata={"help": "Depolarizing noise in training, [0, 1)."})
+    exact_noise: bool = field(default=False, metadata={"help": "Exact channel on default.mixed (slow)."})
+    init: VqcInit = field(default=VqcInit.FIT, metadata={"help": "'fit' the generator to the replaced weight, or 'random'."})
+    init_steps: int = field(default=200, metadata={"help": "Adam steps of the fit, >= 0."})
+    init_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the fit, > 0."})
+    calibration: CalibrationSpec | None = field(
+        default=None, metadata={"help": "Local text; the fit then minimises the output error through XᵀX."}
+    )
+    baselines: bool = field(default=True, metadata={"help": "Fit the classical-vector ablation for the report."})
+    seed: int = field(default=0, metadata={"help": "Seed of the initialisation, >= 0."})
 
     def __post_init__(self):
-        self.claimed = set(self.modules)
+        require(
+            isinstance(self.target_modules, list) and self.target_modules,
+            f"`vqc.target_modules` must be a non-empty list of regexes, got {self.target_modules!r}",
+        )
+        for pattern in self.target_modules:
+            require_regex("vqc.target_modules[]", pattern)
+        require_int("vqc.n_wires", self.n_wires, 1, MAX_VQC_WIRES)
+        require_int("vqc.n_layers", self.n_layers, 1, 1_000)
+        require_int("vqc.rank", self.rank, 1, 1_000_000)
+        require_int("vqc.hidden_size", self.hidden_size, 1, 1_000_000)
+        require_int("vqc.chunk_size", self.chunk_size, 1, 1_000_000)
+        require_number("vqc.noise_probability", self.noise_probability, 0, 1)
+        require_bool("vqc.exact_noise", self.exact_noise)
+        require(
+            not self.exact_noise or self.n_wires <= MAX_VQC_EXACT_NOISE_WIRES,
+            f"`vqc.n_wires` must be <= {MAX_VQC_EXACT_NOISE_WIRES} with `vqc.exact_noise` (default.mixed holds a "
+            f"4^n_wires density matrix), got {self.n_wires}",
+        )
+        self.init = require_choice("vqc.init", self.init, VqcInit)
+        require_int("vqc.init_steps", self.init_steps, 0, 10_000_000)
+        require_number("vqc.init_lr", self.init_lr, 0, None, low_open=True)
+        if self.calibration is not None:
+            self.calibration = spec_from_dict(CalibrationSpec, self.calibration, "vqc.calibration")
+        require_bool("vqc.baselines", self.baselines)
+        require_int("vqc.seed", self.seed, 0, 2**63 - 1)
+
 
 
 def plan_modules(model: nn.Module, spec: VqcSpec, claimed: set[str] = frozenset()) -> list[str]:
@@ -78,19 +145,6 @@ def plan_modules(model: nn.Module, spec: VqcSpec, claimed: set[str] = frozenset(
     return selected
 
 
-def plan(model: nn.Module, spec: VqcSpec, claimed: set[str] = frozenset()) -> VqcPlan:
-    """Check the stage against the (meta) model and tokenize calibration text, before weights load."""
-    require_pennylane()
-    modules = plan_modules(model, spec, claimed)
-    windows = None
-    if spec.calibration is not None:
-        from .calibration_data import calibration_windows, check_calibration_source
-
-        check_calibration_source(spec.calibration)
-        windows = calibration_windows(model, spec.calibration, "vqc")
-    return VqcPlan(modules, windows)
-
-
 def layer_seed(spec: VqcSpec, name: str) -> int:
     """A per-layer seed derived from `spec.seed` and the module name (reproducible, distinct per layer)."""
     return (spec.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
@@ -112,7 +166,7 @@ def convert_linear(name: str, linear: nn.Linear, spec: VqcSpec,
             module.bias.copy_(linear.bias)
     weight = linear.weight.detach().float()
     classical = classical_twin(module, seed).to(weight.device) if spec.baselines else None
-    if spec.init == "fit":
+    if spec.init == VqcInit.FIT:
         for generator, label in ((module, "VQC"), (classical, "classical ablation")):
             if generator is not None:
                 generator.fit_(weight, xtx, steps=spec.init_steps, lr=spec.init_lr, desc=f"{label} fit {name}")
@@ -127,11 +181,11 @@ def convert_linear(name: str, linear: nn.Linear, spec: VqcSpec,
 def map_entry(module: VQCGeneratedLinear, account: LayerAccount) -> dict:
     """The `quantization_map` entry of one swapped Linear: what `rebuild` needs, plus the accounting row."""
     report = {k: v for k, v in account.as_dict().items() if k not in ("name", "out_features", "in_features")}
-    return {"stage": STAGE, **module.config_dict(), "report": report}
+    return {"stage": VqcStage.name, **module.config_dict(), "report": report}
 
 
-def apply(model: nn.Module, spec: VqcSpec, plan: VqcPlan) -> dict[str, dict]:
-    """Swap and fit the planned Linears of the loaded model; print the accounting; return the map entries."""
+def swap_linears(model: nn.Module, spec: VqcSpec, plan: StagePlan) -> tuple[dict[str, dict], list[LayerAccount]]:
+    """Swap and fit the planned Linears of the loaded model; returns their map entries and accounting rows."""
     entries, accounts = {}, []
 
     def swap(name: str, xtx: torch.Tensor | None) -> None:
@@ -144,36 +198,53 @@ def apply(model: nn.Module, spec: VqcSpec, plan: VqcPlan) -> dict[str, dict]:
         for name in tqdm(plan.modules, desc="VQC layers", unit="layer"):
             swap(name, None)
     else:
-        from .sequential import quantize_sequentially
+        from .sequential import quantize_sequentially  # imports optimum: only when calibrating
 
         quantize_sequentially(model, plan.modules, plan.windows, swap, "VQC")
-    table = format_accounts(accounts)
-    print("VQC stage: stored numbers vs dense; relative squared error vs the original weight (||ΔW||²/||W||², or "
-          "||ΔW X||²/||W X||² with calibration); truncated SVD and the classical-vector ablation at the same budget\n"
-          + table, flush=True)
-    logger.info("vqc accounting:\n%s", table)
-    return entries
+    return entries, accounts
 
 
-def rebuild(model: nn.Module, entries: dict[str, dict]) -> None:
-    """Replace the recorded Linears by empty `VQCGeneratedLinear`s (before a riverone checkpoint loads)."""
-    require_pennylane()
-    for name, entry in entries.items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"quantization_map names `{name}`, which is a {type(linear).__name__}, not a Linear")
-        shape = (entry["out_features"], entry["in_features"])
-        if (linear.out_features, linear.in_features) != shape:
-            raise ValueError(f"quantization_map records `{name}` as out x in {shape}, the model has "
-                             f"{(linear.out_features, linear.in_features)}")
-        kwargs = {k: entry[k] for k in REBUILD_FIELDS}
-        model.set_submodule(name, VQCGeneratedLinear(**kwargs, device=linear.weight.device, dtype=torch.float32))
+ACCOUNTING_TITLE = ("VQC stage: stored numbers vs dense; relative squared error vs the original weight "
+                    "(||ΔW||²/||W||², or ||ΔW X||²/||W X||² with calibration); truncated SVD and the "
+                    "classical-vector ablation at the same budget")
 
 
-@torch.no_grad()
-def dequantize_model(model: nn.Module, low_rank: bool = False) -> int:
-    """Replace every `VQCGeneratedLinear` by its `merge_to_linear(low_rank)` export; returns how many."""
-    names = [name for name, m in model.named_modules() if isinstance(m, VQCGeneratedLinear)]
-    for name in names:
-        model.set_submodule(name, model.get_submodule(name).merge_to_linear(low_rank=low_rank))
-    return len(names)
+class VqcStage(CalibratedStage):
+    """The VQC stage (see the module docstring); registered in `riverone_hf.stages`."""
+
+    name = "vqc"
+    spec_class = VqcSpec
+    required_packages = (("pennylane", "pennylane>=0.45"),)
+
+    select = staticmethod(plan_modules)
+
+    def apply(self, model: nn.Module, spec: VqcSpec, plan: StagePlan) -> dict[str, dict]:
+        entries, accounts = swap_linears(model, spec, plan)
+        logger.info("%s\n%s", ACCOUNTING_TITLE, format_accounts(accounts))
+        return entries
+
+    def rebuild(self, model: nn.Module, entries: dict[str, dict]) -> None:
+        """Replace the recorded Linears by empty `VQCGeneratedLinear`s (before a riverone checkpoint loads)."""
+        for name, entry in entries.items():
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"quantization_map names `{name}`, which is a {type(linear).__name__}, not a Linear")
+            shape = (entry["out_features"], entry["in_features"])
+            if (linear.out_features, linear.in_features) != shape:
+                raise ValueError(f"quantization_map records `{name}` as out x in {shape}, the model has "
+                                 f"{(linear.out_features, linear.in_features)}")
+            kwargs = {k: entry[k] for k in REBUILD_FIELDS}
+            model.set_submodule(name, VQCGeneratedLinear(**kwargs, device=linear.weight.device, dtype=torch.float32))
+
+    @torch.no_grad()
+    def dequantize(self, model: nn.Module, dtype=None) -> int:
+        """Replace every `VQCGeneratedLinear` by the `nn.Linear` of its generated weight; returns how many."""
+        names = [name for name, m in model.named_modules() if isinstance(m, VQCGeneratedLinear)]
+        for name in names:
+            model.set_submodule(name, model.get_submodule(name).merge_to_linear(dtype=dtype))
+        return len(names)
+
+    def report(self, model: nn.Module, entries: dict[str, dict]) -> list[str]:
+        accounts = [LayerAccount(name=name, out_features=e["out_features"], in_features=e["in_features"],
+                                 **e["report"]) for name, e in entries.items()]
+        return [ACCOUNTING_TITLE, format_accounts(accounts)]

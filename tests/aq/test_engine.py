@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from riverone_hf.config import AqlmSpec
-from riverone_hf.aq import QuantizedWeight, quantize_weight, relative_output_error
+from riverone_hf.aq import AqSettings, QuantizedWeight, quantize_weight, relative_output_error
 from riverone_hf.aq.beam_search import beam_search_codes
+from riverone_hf.aq.engine import ADAM_AMSGRAD, ADAM_BETAS, _adam_steps, _codebook_update_cg
 from riverone_hf.aq.kmeans import nearest_centroids
-from riverone_hf.aq.layout import unpack_codes
-from tests.tiny_models import one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
+from riverone_hf.aq.layout import dequantize, unpack_codes
 
 FAST = dict(max_epochs=3, steps_per_epoch=30, kmeans_iters=20, beam_size=4, codebook_lr=1e-3)
 
@@ -33,7 +32,7 @@ def problem():
 @pytest.fixture(scope="module")
 def calibrated_2x8(problem):
     weight, xtx = problem
-    return quantize_weight(weight, xtx, AqlmSpec(**FAST), seed=0)
+    return quantize_weight(weight, xtx, AqSettings(**FAST), seed=0)
 
 
 def _matmul_reconstruction(q: QuantizedWeight) -> torch.Tensor:
@@ -54,44 +53,27 @@ def _rtn_2bit(weight: torch.Tensor, group: int = 128) -> torch.Tensor:
     return (((w - low) / step).round().clamp(0, 3) * step + low).reshape_as(weight)
 
 
-def test_result_layout_and_dequantize_matches_matmul(calibrated_2x8, problem):
-    weight, _ = problem
-    q = calibrated_2x8
-    assert isinstance(q, QuantizedWeight)
-    assert q.codes.shape == (64, 16, 2) and q.codes.dtype == torch.int8
-    assert q.codebooks.shape == (2, 256, 1, 8) and q.codebooks.dtype == torch.float32
-    assert q.scales.shape == (64, 1, 1, 1) and q.scales.dtype == torch.float32
-    assert q.shape == tuple(weight.shape)
-    torch.testing.assert_close(q.dequantize(), _matmul_reconstruction(q), rtol=1e-5, atol=1e-6)
-
-
-def test_same_seed_bit_identical_other_seed_different(problem, calibrated_2x8):
+def test_other_seed_different_and_seed_none_means_settings_seed(problem, calibrated_2x8):
+    """(The same seed giving the same bits is checked per scheme below.)"""
     weight, xtx = problem
-    again = quantize_weight(weight, xtx, AqlmSpec(**FAST), seed=0)
-    assert torch.equal(again.codes, calibrated_2x8.codes)
-    assert torch.equal(again.codebooks, calibrated_2x8.codebooks)
-    assert torch.equal(again.scales, calibrated_2x8.scales)
-    other = quantize_weight(weight, xtx, AqlmSpec(**FAST), seed=1)
+    other = quantize_weight(weight, xtx, AqSettings(**FAST), seed=1)
     assert not torch.equal(other.codes, calibrated_2x8.codes)
-    # seed=None means spec.seed
-    from_spec = quantize_weight(weight, xtx, AqlmSpec(**FAST, seed=1))
-    assert torch.equal(from_spec.codes, other.codes)
+    # seed=None means settings.seed
+    from_settings = quantize_weight(weight, xtx, AqSettings(**FAST, seed=1))
+    assert torch.equal(from_settings.codes, other.codes)
 
 
-def test_beats_round_to_nearest_and_improves_on_kmeans_init(problem):
+def test_data_free_beats_round_to_nearest(problem):
     weight, _ = problem
-    init_only = quantize_weight(weight, None, AqlmSpec(**{**FAST, "max_epochs": 0}), seed=0)
-    final = quantize_weight(weight, None, AqlmSpec(**FAST), seed=0)
+    final = quantize_weight(weight, None, AqSettings(**FAST), seed=0)
     rtn_error = relative_output_error(weight, _rtn_2bit(weight))
-    init_error = relative_output_error(weight, init_only.dequantize())
     final_error = relative_output_error(weight, final.dequantize())
-    assert final_error < init_error
     assert final_error < 0.5 * rtn_error  # 2 code bits per weight vs 2-bit RTN (+ its scale/zero per 128)
 
 
 def test_calibrated_beats_data_free_on_output_error(problem, calibrated_2x8):
     weight, xtx = problem
-    data_free = quantize_weight(weight, None, AqlmSpec(**FAST), seed=0)
+    data_free = quantize_weight(weight, None, AqSettings(**FAST), seed=0)
     calibrated_error = relative_output_error(weight, calibrated_2x8.dequantize(), xtx)
     data_free_error = relative_output_error(weight, data_free.dequantize(), xtx)
     assert calibrated_error < 0.8 * data_free_error
@@ -103,14 +85,14 @@ def test_calibrated_beats_data_free_on_output_error(problem, calibrated_2x8):
 
 def test_calibrated_rounds_improve_on_kmeans_init(problem, calibrated_2x8):
     weight, xtx = problem
-    init_only = quantize_weight(weight, xtx, AqlmSpec(**{**FAST, "max_epochs": 0}), seed=0)
+    init_only = quantize_weight(weight, xtx, AqSettings(**{**FAST, "max_epochs": 0}), seed=0)
     init_error = relative_output_error(weight, init_only.dequantize(), xtx)
     assert relative_output_error(weight, calibrated_2x8.dequantize(), xtx) < 0.7 * init_error
 
 
 def test_1x16_small_case():
     weight = torch.randn(16, 32, generator=_gen(3))
-    spec = AqlmSpec(
+    settings = AqSettings(
         num_codebooks=1,
         nbits_per_codebook=16,
         in_group_size=8,
@@ -119,7 +101,7 @@ def test_1x16_small_case():
         kmeans_iters=2,
         beam_size=2,
     )
-    q = quantize_weight(weight, None, spec)
+    q = quantize_weight(weight, None, settings)
     assert q.codes.dtype == torch.int16 and q.codes.shape == (16, 4, 1)
     assert q.codebooks.shape == (1, 65536, 1, 8)
     codes = unpack_codes(q.codes, 16)
@@ -129,12 +111,39 @@ def test_1x16_small_case():
     torch.testing.assert_close(q.dequantize(), _matmul_reconstruction(q), rtol=1e-5, atol=1e-6)
 
 
-def test_out_group_size_2_with_xtx(problem):
+SCHEME_CASES = {
+    "2x8-g8-data-free": (dict(), False),
+    "2x8-g8-calibrated": (dict(), True),
+    "1x8-g8-calibrated-beam1": (dict(num_codebooks=1, beam_size=1), True),
+    "3x4-g8-data-free-beam1": (dict(num_codebooks=3, nbits_per_codebook=4, beam_size=1), False),
+    "2x6-g4-og2-calibrated": (dict(nbits_per_codebook=6, in_group_size=4, out_group_size=2), True),
+    "2x6-g4-og2-calibrated-adam": (
+        dict(nbits_per_codebook=6, in_group_size=4, out_group_size=2, codebook_optimizer="adam"),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("overrides, calibrated", SCHEME_CASES.values(), ids=SCHEME_CASES.keys())
+def test_schemes_layout_reproducible_and_better_than_kmeans_init(overrides, calibrated, problem):
+    """Per scheme and codebook update: the aqlm layout, the same bits for the same seed, rounds that beat
+    the k-means start on the objective the run minimises, and a result that decodes like one-hot codes x
+    codebooks (independent of `layout.dequantize`)."""
     weight, xtx = problem
-    spec = AqlmSpec(num_codebooks=2, nbits_per_codebook=6, in_group_size=4, out_group_size=2, **FAST)
-    q = quantize_weight(weight, xtx, spec)
-    assert q.codes.shape == (32, 32, 2) and q.codebooks.shape == (2, 64, 2, 4) and q.scales.shape == (32, 1, 1, 1)
-    init_only = quantize_weight(weight, xtx, AqlmSpec(**{**spec.scheme_dict(), **FAST, "max_epochs": 0}))
+    xtx = xtx if calibrated else None
+    settings = AqSettings(**{**FAST, **overrides})
+    q = quantize_weight(weight, xtx, settings, seed=0)
+    num_out_groups, num_in_groups = 64 // settings.out_group_size, 128 // settings.in_group_size
+    group = (settings.out_group_size, settings.in_group_size)
+    assert isinstance(q, QuantizedWeight) and q.shape == tuple(weight.shape)
+    assert q.codes.shape == (num_out_groups, num_in_groups, settings.num_codebooks) and q.codes.dtype == torch.int8
+    assert q.codebooks.shape == (settings.num_codebooks, 2**settings.nbits_per_codebook, *group)
+    assert q.scales.shape == (num_out_groups, 1, 1, 1)
+    assert q.codebooks.dtype == q.scales.dtype == torch.float32
+    again = quantize_weight(weight, xtx, settings, seed=0)
+    for name in ("codes", "codebooks", "scales"):
+        assert torch.equal(getattr(q, name), getattr(again, name)), name
+    init_only = quantize_weight(weight, xtx, AqSettings(**{**FAST, **overrides, "max_epochs": 0}), seed=0)
     assert relative_output_error(weight, q.dequantize(), xtx) < relative_output_error(
         weight, init_only.dequantize(), xtx
     )
@@ -142,12 +151,12 @@ def test_out_group_size_2_with_xtx(problem):
 
 
 @pytest.mark.parametrize(
-    "weight, xtx, spec, match",
+    "weight, xtx, settings, match",
     [
         (torch.randn(128), None, None, "2-D"),
         (torch.randn(2, 64, 64), None, None, "2-D"),
         (torch.randn(64, 100), None, None, "divisible"),
-        (torch.randn(63, 64), None, AqlmSpec(out_group_size=2), "divisible"),
+        (torch.randn(63, 64), None, AqSettings(out_group_size=2), "divisible"),
         (torch.randn(64, 64), torch.eye(32), None, "xtx"),
         (torch.randn(64, 64), torch.triu(torch.ones(64, 64)), None, "symmetric"),
         (torch.randn(64, 64), torch.full((64, 64), float("nan")), None, "xtx"),
@@ -155,27 +164,27 @@ def test_out_group_size_2_with_xtx(problem):
         (torch.randint(0, 5, (64, 64)), None, None, "floating-point"),
     ],
     ids=[
-        "1d",
-        "3d",
-        "in-not-divisible",
-        "out-not-divisible",
-        "xtx-shape",
-        "xtx-asymmetric",
+        "weight-1d",
+        "weight-3d",
+        "in-features-100-not-divisible-by-g8",
+        "out-features-63-not-divisible-by-og2",
+        "xtx-32x32-for-64-inputs",
+        "xtx-not-symmetric",
         "xtx-nan",
-        "inf",
-        "int-weight",
+        "weight-inf",
+        "weight-integer",
     ],
 )
-def test_invalid_inputs_raise(weight, xtx, spec, match):
+def test_invalid_inputs_raise(weight, xtx, settings, match):
     with pytest.raises(ValueError, match=match):
-        quantize_weight(weight, xtx, spec)
+        quantize_weight(weight, xtx, settings)
 
 
 def test_non_finite_loss_raises():
     weight = 1e25 * torch.randn(16, 16, generator=_gen(0))  # finite, but its squared error overflows float32
     with pytest.raises(FloatingPointError, match="loss"):
         quantize_weight(
-            weight, torch.eye(16, dtype=torch.float64), AqlmSpec(num_codebooks=1, nbits_per_codebook=2, **FAST)
+            weight, torch.eye(16, dtype=torch.float64), AqSettings(num_codebooks=1, nbits_per_codebook=2, **FAST)
         )
 
 
@@ -209,13 +218,11 @@ def _random_state(seed, out_features=16, in_features=32, num_codebooks=2, codebo
 
 
 def _per_row_error(weight, codes, codebooks, scales, xtx):
-    from riverone_hf.aq.layout import dequantize
-
     delta = (weight - dequantize(codes, codebooks, scales)).double()
     return ((delta @ xtx) * delta).sum(-1) if xtx is not None else delta.square().sum(-1)
 
 
-@pytest.mark.parametrize("use_xtx", [False, True], ids=["data-free", "xtx"])
+@pytest.mark.parametrize("use_xtx", [False, True], ids=["data-free", "calibrated-xtx"])
 def test_beam_search_never_worse_per_row_and_chunking_agrees(use_xtx, problem):
     weight, codes, codebooks, scales = _random_state(0)
     x = torch.randn(200, 32, generator=_gen(1)) @ torch.randn(32, 32, generator=_gen(2))
@@ -232,8 +239,8 @@ def test_beam_search_never_worse_per_row_and_chunking_agrees(use_xtx, problem):
     torch.testing.assert_close(chunked_after, after, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("codebook_size", [16, 5000], ids=["K16", "K5000-two-score-tiles"])
-@pytest.mark.parametrize("beam_size", [1, 2])
+@pytest.mark.parametrize("codebook_size", [16, 5000], ids=["K16-one-score-tile", "K5000-two-score-tiles"])
+@pytest.mark.parametrize("beam_size", [1, 2], ids=["beam1", "beam2"])
 def test_beam_search_single_codebook_finds_nearest_codeword(codebook_size, beam_size):
     """With one codebook and no coupling (identity xtx or data-free), the optimum is the nearest codeword."""
     weight, codes, codebooks, scales = _random_state(3, num_codebooks=1, codebook_size=codebook_size)
@@ -274,12 +281,9 @@ def test_beam_search_wider_beam_is_not_worse_on_average(problem):
     assert errors[8] <= errors[1]
 
 
-@pytest.mark.parametrize("use_xtx", [False, True], ids=["data-free", "xtx"])
+@pytest.mark.parametrize("use_xtx", [False, True], ids=["data-free", "calibrated-xtx"])
 def test_hand_written_gradient_matches_autograd(use_xtx, problem):
     """The codebook update's closed-form gradient equals autograd through `layout.dequantize`."""
-    from riverone_hf.aq.engine import _adam_steps
-    from riverone_hf.aq.layout import dequantize
-
     weight, xtx = problem
     xtx = xtx.float() if use_xtx else None
     g = _gen(9)
@@ -303,13 +307,11 @@ def test_hand_written_gradient_matches_autograd(use_xtx, problem):
     torch.testing.assert_close(recorder.grads[1], scales.grad, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("use_xtx", [False, True], ids=["data-free", "xtx"])
+@pytest.mark.parametrize("use_xtx", [False, True], ids=["data-free", "calibrated-xtx"])
 def test_cg_codebook_update_beats_adam_and_solves_scales(use_xtx, problem):
     """The "cg" update (closed-form scales + preconditioned CG on codebooks) lowers the loss for fixed codes
-    further than 100 Adam steps, leaves the codebooks near a stationary point, and its scale solve is exact."""
-    from riverone_hf.aq.engine import _adam_steps, _codebook_update_cg
-    from riverone_hf.aq.layout import dequantize
-
+    further in 5 iterations than 100 Adam steps, leaves the codebooks near a stationary point after 40, and
+    its scale solve is exact. (The engine's module docstring cites this test for the 5-vs-100 claim.)"""
     weight, xtx = problem
     xtx = xtx.float() if use_xtx else None
     g = _gen(9)
@@ -327,12 +329,13 @@ def test_cg_codebook_update_beats_adam_and_solves_scales(use_xtx, problem):
         weight, weight_h, xtx, codes, codebooks, scales, 40, 1.0
     )
     cg_loss = loss(new_codebooks, new_scales)
+    cg5_loss = loss(*_codebook_update_cg(weight, weight_h, xtx, codes, codebooks, scales, 5, 1.0)[:2])
 
     adam_codebooks, adam_scales = codebooks.clone().requires_grad_(True), scales.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([adam_codebooks, adam_scales], lr=1e-3, betas=(0.0, 0.95), amsgrad=True)
+    optimizer = torch.optim.Adam([adam_codebooks, adam_scales], lr=1e-3, betas=ADAM_BETAS, amsgrad=ADAM_AMSGRAD)
     _adam_steps(weight, xtx, codes, adam_codebooks, adam_scales, optimizer, 100, 1.0)
     adam_loss = loss(adam_codebooks.detach(), adam_scales.detach())
-    assert cg_loss < adam_loss < start
+    assert cg_loss <= cg5_loss < adam_loss < start
     assert cg_loss <= reported * (1 + 1e-5)  # `reported` is the loss after the first scale solve
 
     # near a stationary point in the codebooks: the gradient shrank by orders of magnitude
@@ -355,9 +358,9 @@ def test_cg_codebook_update_beats_adam_and_solves_scales(use_xtx, problem):
 
 def test_adam_codebook_optimizer_still_available(problem):
     weight, xtx = problem
-    spec = AqlmSpec(**{**FAST, "max_epochs": 2, "codebook_optimizer": "adam"})
-    init_only = quantize_weight(weight, xtx, AqlmSpec(**{**FAST, "max_epochs": 0}), seed=0)
-    adam = quantize_weight(weight, xtx, spec, seed=0)
-    cg = quantize_weight(weight, xtx, AqlmSpec(**{**FAST, "max_epochs": 2}), seed=0)
+    settings = AqSettings(**{**FAST, "max_epochs": 2, "codebook_optimizer": "adam"})
+    init_only = quantize_weight(weight, xtx, AqSettings(**{**FAST, "max_epochs": 0}), seed=0)
+    adam = quantize_weight(weight, xtx, settings, seed=0)
+    cg = quantize_weight(weight, xtx, AqSettings(**{**FAST, "max_epochs": 2}), seed=0)
     errors = [relative_output_error(weight, q.dequantize(), xtx) for q in (init_only, adam, cg)]
     assert errors[2] < errors[1] < errors[0]

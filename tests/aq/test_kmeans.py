@@ -10,7 +10,6 @@ from riverone_hf.aq.kmeans import (
     nearest_centroids,
     residual_kmeans_init,
 )
-from tests.tiny_models import one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -33,7 +32,9 @@ def test_nearest_centroids_matches_brute_force_and_chunking():
     assert torch.equal(nearest_centroids(data, centroids, max_chunk_bytes=1), expected)  # one row per chunk
 
 
-@pytest.mark.parametrize("max_chunk_bytes", [1, 4096, 2**30], ids=["row-tiles", "small-tiles", "one-tile"])
+@pytest.mark.parametrize(
+    "max_chunk_bytes", [1, 4096, 2**30], ids=["1-byte-one-row-tiles", "4KiB-tiles", "1GiB-one-tile"]
+)
 def test_max_inner_product_matches_full_product_across_column_tiles(max_chunk_bytes):
     g = _gen(11)
     queries = torch.randn(40, 9, generator=g)

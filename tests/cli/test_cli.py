@@ -8,13 +8,8 @@ from transformers import AutoModelForCausalLM
 import riverone_hf  # noqa: F401
 from riverone_hf import AqlmLinear
 from riverone_hf.cli import main
-from riverone_hf.cli.fileio import atomic_output_dir
-from tests.tiny_models import FAST_AQLM, save_dense, tiny_qwen3
-
-
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory):
-    return save_dense(tiny_qwen3(), tmp_path_factory.mktemp("cli") / "dense")
+from riverone_hf.fileio import atomic_output_dir
+from tests.tiny_models import FAST_AQLM
 
 
 def write_config(path, **fields):
@@ -23,9 +18,9 @@ def write_config(path, **fields):
     return str(path)
 
 
-def test_quantize_then_export(dense_dir, tmp_path, capsys):
+def test_quantize_then_export(qwen3_dir, tmp_path, capsys):
     config = write_config(tmp_path / "cfg.yaml", num_codebooks=1, nbits_per_codebook=8)
-    assert main(["quantize", dense_dir, str(tmp_path / "q"), "--config", config]) == 0
+    assert main(["quantize", qwen3_dir, str(tmp_path / "q"), "--config", config]) == 0
     report = capsys.readouterr().out
     assert "bits/weight" in report and "MiB" in report
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
@@ -35,22 +30,22 @@ def test_quantize_then_export(dense_dir, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "stock" / "model.safetensors")
 
 
-def test_existing_output_is_refused_before_work(dense_dir, tmp_path, capsys):
+def test_existing_output_is_refused_before_work(qwen3_dir, tmp_path, capsys):
     (tmp_path / "q").mkdir()
-    assert main(["quantize", dense_dir, str(tmp_path / "q")]) == 2
+    assert main(["quantize", qwen3_dir, str(tmp_path / "q")]) == 2
     assert "already exists" in capsys.readouterr().err
 
 
-def test_bad_config_value_is_named(dense_dir, tmp_path, capsys):
+def test_bad_config_value_is_named(qwen3_dir, tmp_path, capsys):
     config = write_config(tmp_path / "cfg.yaml", nbits_per_codebook=20)
-    assert main(["quantize", dense_dir, str(tmp_path / "q"), "--config", config]) == 2
+    assert main(["quantize", qwen3_dir, str(tmp_path / "q"), "--config", config]) == 2
     assert "nbits_per_codebook" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
 
 
-def test_bad_dtype_is_named(dense_dir, tmp_path):
+def test_bad_dtype_is_named(qwen3_dir, tmp_path):
     with pytest.raises(SystemExit):
-        main(["quantize", dense_dir, str(tmp_path / "q"), "--dtype", "float8"])
+        main(["quantize", qwen3_dir, str(tmp_path / "q"), "--dtype", "float8"])
 
 
 def test_interrupted_write_leaves_nothing(tmp_path):
@@ -63,11 +58,11 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_failure_inside_quantization_leaves_no_output(dense_dir, tmp_path, monkeypatch, capsys):
+def test_failure_inside_quantization_leaves_no_output(qwen3_dir, tmp_path, monkeypatch, capsys):
     def explode(*args, **kwargs):
         raise ValueError("engine failed")
 
     monkeypatch.setattr("riverone_hf.stages.aqlm.quantize_weight", explode)
-    assert main(["quantize", dense_dir, str(tmp_path / "q"), "--config", write_config(tmp_path / "c.yaml")]) == 2
+    assert main(["quantize", qwen3_dir, str(tmp_path / "q"), "--config", write_config(tmp_path / "c.yaml")]) == 2
     assert "engine failed" in capsys.readouterr().err
     assert [p for p in os.listdir(tmp_path) if p != "c.yaml"] == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from riverone_hf.kernels import cpu as ck
+from riverone_hf.kernels import build, cpu as ck
 from riverone_hf.aq.layout import dequantize, pack_codes
 
 needs_kernels = pytest.mark.skipif(
@@ -111,14 +111,17 @@ def test_other_layouts(layout, num_threads):
 
 
 @needs_kernels
-def test_fp16_valued_codebooks_use_a_lossless_half_copy(num_threads):
+def test_fp16_codebooks_are_read_in_place_as_fp16(num_threads):
     codes, codebooks, scales, bias = make_weight(1, 16, half=True)
-    prepared = ck.prepare_cpu_kernel(codes, codebooks, scales)
-    assert prepared.codebooks_half is not None
+    half_codebooks = codebooks.half()
+    prepared = ck.prepare_cpu_kernel(codes, half_codebooks, scales)
+    assert prepared.codebooks_half.data_ptr() == half_codebooks.data_ptr()
+    assert prepared.content_checks["dd"] == ()  # nothing derived to go stale
     x = torch.randn(3, codes.shape[1] * 8)
-    assert_matches(ck.cpu_matmul(x, prepared, bias, kernel="dd"), F.linear(x, dequantize(codes, codebooks, scales), bias))
-    # codebooks that are not fp16 values keep fp32 only
-    assert ck.prepare_cpu_kernel(*make_weight(1, 16)[:3]).codebooks_half is None
+    weight = dequantize(codes, codebooks, scales)
+    assert_matches(ck.cpu_matmul(x, prepared, bias, kernel="dd"), F.linear(x, weight, bias))
+    # fp32 codebooks (even holding fp16 values) are read as fp32, in place
+    assert ck.prepare_cpu_kernel(codes, codebooks, scales).codebooks_half is None
 
 
 @needs_kernels
@@ -161,27 +164,45 @@ def test_shapes_dtypes_and_autograd():
 
 
 @needs_kernels
-def test_in_place_updates_of_the_sources_are_picked_up():
+def test_a_prepared_kernel_whose_sources_changed_raises_and_stays_as_it_was():
     codes, codebooks, scales, bias = make_weight(2, 8)
     prepared = ck.prepare_cpu_kernel(codes, codebooks, scales)
+    lut_codebooks = prepared.lut_codebooks.clone()
     x = torch.randn(1, codes.shape[1] * 8)
     with torch.no_grad():
         codebooks.mul_(2.0)
         codes[0, 0, 0] = codes[0, 0, 0] ^ 1
     assert not prepared.is_current()
-    assert_matches(ck.cpu_matmul(x, prepared, bias), F.linear(x, dequantize(codes, codebooks, scales), bias))
-    assert prepared.is_current()
+    with pytest.raises(ck.StaleKernelError, match="prepare_cpu_kernel again"):
+        ck.cpu_matmul(x, prepared, bias)
+    assert torch.equal(prepared.lut_codebooks, lut_codebooks), "the stale object was modified"
+    fresh = ck.prepare_cpu_kernel(codes, codebooks, scales)
+    assert_matches(ck.cpu_matmul(x, fresh, bias), F.linear(x, dequantize(codes, codebooks, scales), bias))
 
 
 @needs_kernels
-def test_parameters_reassigned_through_data_are_picked_up():
+def test_parameters_reassigned_through_data_make_it_stale():
     codes, codebooks, scales, bias = (torch.nn.Parameter(t, requires_grad=False) for t in make_weight(2, 8))
     prepared = ck.prepare_cpu_kernel(codes, codebooks, scales)  # the parameters themselves, not .detach()
-    x = torch.randn(1, codes.shape[1] * 8)
     new_codes, new_codebooks, new_scales, _ = make_weight(2, 8, seed=5)
     codes.data, codebooks.data, scales.data = new_codes, new_codebooks, new_scales
     assert not prepared.is_current()
-    assert_matches(ck.cpu_matmul(x, prepared, bias), F.linear(x, dequantize(new_codes, new_codebooks, new_scales), bias))
+    with pytest.raises(ck.StaleKernelError):
+        ck.cpu_matmul(torch.randn(1, codes.shape[1] * 8), prepared, bias)
+
+
+@needs_kernels
+def test_untracked_writes_are_checked_only_where_a_kernel_reads_a_copy():
+    codes, codebooks, scales, bias = make_weight(2, 8)
+    prepared = ck.prepare_cpu_kernel(codes, codebooks, scales)
+    assert prepared.content_checks == {"lut": ("codebooks",), "dd": (), "gemm": (), "dense": ()}  # fp32: in place
+    codebooks.data.mul_(2.0)  # `.data` has its own version counter: only the content tells
+    assert not prepared.is_current("lut") and prepared.is_current("gemm")
+    x = torch.randn(4, codes.shape[1] * 8)
+    weight = dequantize(codes, codebooks, scales)
+    assert_matches(ck.cpu_matmul(x, prepared, bias, kernel="gemm"), F.linear(x, weight, bias))
+    half = ck.prepare_cpu_kernel(codes, codebooks.half(), scales.half())  # fp32 copies of both
+    assert half.content_checks == {k: ("codebooks", "scales") for k in ("lut", "dd", "gemm", "dense")}
 
 
 def test_disabled_by_environment(monkeypatch):
@@ -196,9 +217,9 @@ def test_build_failure_falls_back_loudly(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(cpp_extension, "load_inline", broken)
-    monkeypatch.setattr(ck, "_lib", None)
-    monkeypatch.setattr(ck, "_lib_error", None)
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(build, "_lib", None)
+    monkeypatch.setattr(build, "_lib_error", None)
     monkeypatch.setenv(ck.ENV_KERNEL_DIR, str(tmp_path))
     codes, codebooks, scales, _ = make_weight(2, 8)
     with pytest.warns(RuntimeWarning, match="could not build"):

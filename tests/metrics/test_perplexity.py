@@ -49,7 +49,7 @@ def test_char_tokenizer_roundtrip(char_tokenizer):
     assert 0 not in ids.tolist()  # no [UNK]: every character is in the vocabulary
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("batch_size", [1, 3], ids=["batch1", "batch3-ragged-last"])  # 11 windows: 3+3+3+2
 def test_perplexity_is_exp_of_mean_nll(tiny_model, char_tokenizer, batch_size):
     seq_len = 32
     ids = tokenize_text(char_tokenizer, TEXT)

@@ -1,11 +1,11 @@
 """MiniViT sharing on tiny vision towers of every supported architecture: which tensors are shared,
-exact parameter delta, identity start, the transforms' semantics, and the adapter table."""
+exact parameter delta, identity start and the transforms' semantics (finding the tower through the
+adapter table: tests/modeling/test_vision_blocks.py)."""
 
 import copy
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from riverone_hf.modeling.minivit import (
     ATTENTION_IMPLEMENTATION,
@@ -18,39 +18,20 @@ from riverone_hf.modeling.minivit import (
     shared_groups,
     use_eager_attention,
 )
-from riverone_hf.modeling.vision_blocks import ADAPTERS, find_vision_tower
-from tests.tiny_models import (
-    one_torch_thread,  # noqa: F401  (autouse fixture: one torch thread)
-    pixel_values,
-    tiny_internvl,
-    tiny_qwen3,
-    tiny_vit,
-)
-
-VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 28,
-          "patch_size": 7}
+from riverone_hf.modeling.vision_blocks import find_vision_tower
+from tests.tiny_models import pixel_values, tiny_clip_vision, tiny_internvl, tiny_siglip_vision, tiny_vit
 
 
 def internvl_tower():
     return tiny_internvl().model.vision_tower
 
 
-def clip_tower():
-    torch.manual_seed(0)
-    return CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
-
-
-def siglip_tower():
-    torch.manual_seed(0)
-    return SiglipVisionModel(SiglipVisionConfig(**VISION)).eval()
-
-
 # (id, builder, groups, channels of pixel_values)
 TEST_CASES = [
     ("internvl", internvl_tower, [[0, 1]], 3),
     ("vit", tiny_vit, [[0, 1], [2, 3]], 1),
-    ("clip", clip_tower, [[1, 2, 3]], 3),
-    ("siglip", siglip_tower, [[0, 1], [2, 3]], 3),
+    ("clip", tiny_clip_vision, [[1, 2, 3]], 3),
+    ("siglip", tiny_siglip_vision, [[0, 1], [2, 3]], 3),
 ]
 CASES = pytest.mark.parametrize("builder, groups, channels", [c[1:] for c in TEST_CASES], ids=[c[0] for c in TEST_CASES])
 TRANSFORMS = ["attention", "mlp"]
@@ -182,13 +163,6 @@ def test_grid_comes_from_the_patch_embedding_for_non_square_images():
         tower.mlp(1).minivit_conv.conv.weight.normal_()
         model(pixel_values=torch.randn(1, 1, 28, 42), interpolate_pos_encoding=True)
     assert tower.patch_embedding.minivit_grid.shape == (4, 6)
-
-
-def test_unknown_architecture_lists_the_supported_ones():
-    with pytest.raises(ValueError, match="no supported vision tower") as error:
-        find_vision_tower(tiny_qwen3())
-    for model_type in ADAPTERS:
-        assert model_type in str(error.value)
 
 
 def test_a_deep_copy_keeps_its_own_grid_and_transforms():

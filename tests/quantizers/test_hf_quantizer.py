@@ -31,11 +31,6 @@ def linears(model, prefix="") -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory):
-    return save_dense(tiny_qwen3(), tmp_path_factory.mktemp("qwen3") / "dense")
-
-
-@pytest.fixture(scope="module")
 def quantized_qwen3(qwen3_dir, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(qwen3_dir, quantization_config=aqlm_config())
     out = tmp_path_factory.mktemp("qwen3") / "quantized"
@@ -200,6 +195,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.aqlm
 def test_export_loads_in_stock_transformers_with_same_logits(quantized_qwen3, tmp_path):
     model, out = quantized_qwen3
     exported = tmp_path / "stock"

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import riverone_hf  # noqa: F401  (registers quant_method "riverone")
 from riverone_hf import AqlmLinear, RiverOneConfig
-from riverone_hf.config import VqcSpec
+from riverone_hf import VqcSpec
 from riverone_hf.cli.demo_assets import shipped_text_path
 from riverone_hf.modeling import VQCGeneratedLinear
 from riverone_hf.stages import vqc as vqc_stage
@@ -38,11 +38,6 @@ def vision_hidden(model):
     pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model.model.vision_tower(pixel_values=pixels).last_hidden_state
-
-
-@pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory):
-    return save_dense(tiny_qwen3(), tmp_path_factory.mktemp("qwen3") / "dense")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +75,7 @@ def test_dequantize_merges_to_linears_with_the_same_outputs(vqc_qwen3):
     _, out = vqc_qwen3
     model = AutoModelForCausalLM.from_pretrained(out)
     reference = logits(model)
-    assert vqc_stage.dequantize_model(model) == 2 and not swapped(model)
+    assert vqc_stage.VqcStage().dequantize(model) == 2 and not swapped(model)
     torch.testing.assert_close(logits(model), reference, rtol=1e-4, atol=1e-5)
 
 
@@ -158,14 +153,14 @@ def meta_qwen3(**overrides):
 def test_plan_errors_on_the_meta_skeleton(fields, message):
     claimed = {"model.layers.0"}  # e.g. a block an earlier stage owns
     with pytest.raises(ValueError, match=message):
-        vqc_stage.plan(meta_qwen3(), VqcSpec(**fields), claimed)
+        vqc_stage.VqcStage().plan(meta_qwen3(), VqcSpec(**fields), claimed)
 
 
 def test_plan_skips_claimed_and_refuses_tied():
-    plan = vqc_stage.plan(meta_qwen3(), VqcSpec(target_modules=[QWEN_DOWN]), {"model.layers.0.mlp.down_proj"})
+    plan = vqc_stage.VqcStage().plan(meta_qwen3(), VqcSpec(target_modules=[QWEN_DOWN]), {"model.layers.0.mlp.down_proj"})
     assert plan.claimed == {"model.layers.1.mlp.down_proj"}
     with pytest.raises(ValueError, match="tied"):
-        vqc_stage.plan(meta_qwen3(tie_word_embeddings=True), VqcSpec(target_modules=["lm_head"]))
+        vqc_stage.VqcStage().plan(meta_qwen3(tie_word_embeddings=True), VqcSpec(target_modules=["lm_head"]), set())
 
 
 NO_PENNYLANE = """

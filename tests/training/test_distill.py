@@ -16,12 +16,7 @@ from riverone_hf import RiverOneConfig
 from riverone_hf.modeling.vision_blocks import find_vision_tower
 from riverone_hf.training import DistillConfig, distill_minivit, evaluate_distillation
 from riverone_hf.training.image_data import ImagePreprocessing, crop_batches, load_images
-from tests.tiny_models import (
-    one_torch_thread,  # noqa: F401  (autouse fixture: one torch thread)
-    pixel_values,
-    save_dense,
-    tiny_vit,
-)
+from tests.tiny_models import pixel_values
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "distill_minivit.py")
 
@@ -37,11 +32,6 @@ def drawings(count: int = 6) -> list[Image.Image]:
         draw.line((0, 39, 47, 5 * i), fill=(255, 255, 255), width=3)
         images.append(image)
     return images
-
-
-@pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory):
-    return save_dense(tiny_vit(), tmp_path_factory.mktemp("vit") / "dense")
 
 
 @pytest.fixture

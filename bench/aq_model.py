@@ -64,17 +64,24 @@ def decoder_linears(layers: int | None) -> str:
     return DECODER_LINEAR.replace(r"\d+", "(" + "|".join(str(i) for i in range(layers)) + ")")
 
 
-class _EngineTimes(logging.Handler):
-    """Collects the engine's per-matrix wall time from its "AQLM done: ... s" log lines."""
+class _LogLines(logging.Handler):
+    """Attaches to `logger_name` at INFO and keeps the messages that contain `marker`."""
 
-    def __init__(self):
+    def __init__(self, logger_name: str, marker: str):
         super().__init__(logging.INFO)
-        self.seconds: list[float] = []
+        self.marker, self.lines = marker, []
+        logging.getLogger(logger_name).addHandler(self)
+        logging.getLogger(logger_name).setLevel(logging.INFO)
 
     def emit(self, record):
         message = record.getMessage()
-        if message.startswith("AQLM done"):
-            self.seconds.append(float(re.search(r"([0-9.]+) s$", message).group(1)))
+        if self.marker in message:
+            self.lines.append(message)
+
+
+def _seconds(line: str) -> float:
+    """The wall time at the end of an engine "AQLM done: ... N s" line."""
+    return float(re.search(r"([0-9.]+) s$", line).group(1))
 
 
 def aqlm_bits(model) -> tuple[float, int]:
@@ -177,12 +184,8 @@ def run_row(args: argparse.Namespace, row: str) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = build_config(args, row)
-    times = _EngineTimes()
-    logging.getLogger("riverone_hf.aq.engine").addHandler(times)
-    logging.getLogger("riverone_hf.aq.engine").setLevel(logging.INFO)
-    summary = _FinetuneLines()
-    logging.getLogger("riverone_hf.stages.sequential").addHandler(summary)
-    logging.getLogger("riverone_hf.stages.sequential").setLevel(logging.INFO)
+    times = _LogLines("riverone_hf.aq.engine", "AQLM done")  # per matrix: "AQLM done: ... N s"
+    summary = _LogLines("riverone_hf.stages.sequential", "before fine-tuning")  # per block error lines
     dense, tokenizer = load_smollm2(torch.float32)
     with tempfile.TemporaryDirectory(prefix="aq-model-bench-") as dense_dir:
         dense.save_pretrained(dense_dir)
@@ -198,23 +201,11 @@ def run_row(args: argparse.Namespace, row: str) -> dict:
                      max_windows=args.eval_windows, batch_size=4, show_progress=False)
     return {
         "row": row, "perplexity": ppl, "bits": bits, "weights": weights, "seconds": seconds, "cpu": cpu,
-        "matrices": len(times.seconds), "engine_seconds": sum(times.seconds), "load_before": load_before,
+        "matrices": len(times.lines), "engine_seconds": sum(_seconds(line) for line in times.lines),
+        "load_before": load_before,
         "load_after": load_after, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "finetune": summary.lines,
     }
-
-
-class _FinetuneLines(logging.Handler):
-    """Keeps the per-block fine-tuning lines ("AQLM block i: relative output error ... before ..., ... after")."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        message = record.getMessage()
-        if "before fine-tuning" in message:
-            self.lines.append(message)
 
 
 def main() -> None:

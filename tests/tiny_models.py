@@ -21,6 +21,8 @@ from transformers import (
 
 # Fast settings for the AQ engine in tests: correctness, not quality.
 FAST_AQLM = {"beam_size": 1, "max_epochs": 1, "steps_per_epoch": 5, "kmeans_iters": 3}
+# The 1x8 g8 scheme the PV-Tuning tests quantize with.
+PV_SCHEME = {"num_codebooks": 1, "nbits_per_codebook": 8, "in_group_size": 8}
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:

@@ -125,6 +125,17 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return repo
 
+    def _repo_at(self, repo_id: str, revision: str, head: bool = False) -> tuple[Repo, str] | None:
+        """(repo, commit sha) of `revision`, or None after answering 401/404."""
+        repo = self._repo(repo_id, head=head)
+        if repo is None:
+            return None
+        sha = repo.resolve(revision)
+        if sha is None:
+            self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound", head=head)
+            return None
+        return repo, sha
+
     # -- routing -------------------------------------------------------------------------------------
     def do_HEAD(self):
         self._route("HEAD")
@@ -212,12 +223,10 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"errors": [], "warnings": []})
 
     def _model_info(self, repo_id: str, revision: str):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._repo_at(repo_id, revision)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        repo, sha = found
         files = repo.commits[sha]
         metadata = card_metadata(files.get("README.md"))
         info = {"_id": repo_id, "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0], "sha": sha,
@@ -233,12 +242,10 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, info)
 
     def _tree(self, repo_id: str, revision: str):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._repo_at(repo_id, revision)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        repo, sha = found
         lfs = repo.lfs.get(sha, set())
         entries = []
         for p, d in sorted(repo.commits[sha].items()):
@@ -323,12 +330,10 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {})
 
     def _resolve(self, repo_id: str, revision: str, path: str, head: bool):
-        repo = self._repo(repo_id, head=head)
-        if repo is None:
+        found = self._repo_at(repo_id, revision, head=head)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound", head=head)
+        repo, sha = found
         files = repo.commits[sha]
         if path not in files:
             return self._error(404, f"Entry not found: {path}", "EntryNotFound", head=head)

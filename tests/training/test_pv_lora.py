@@ -11,10 +11,10 @@ import riverone_hf  # noqa: F401,E402
 from riverone_hf import AqlmLinear  # noqa: E402
 from riverone_hf.training.pv.lora import AqlmLoraLinear, merge_to_dense, register_aqlm_lora  # noqa: E402
 from tests.tiny_models import input_ids  # noqa: E402
-from tests.training.test_pv_tuning import pv_dirs, token_dataset  # noqa: E402,F401
+from tests.training.test_pv_tuning import token_dataset  # noqa: E402
 
 
-def test_lora_train_save_reload_merge(pv_dirs, tmp_path):  # noqa: F811
+def test_lora_train_save_reload_merge(pv_dirs, tmp_path):
     _, quantized = pv_dirs
     config = register_aqlm_lora(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                            init_lora_weights=True))

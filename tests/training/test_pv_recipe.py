@@ -12,12 +12,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 import riverone_hf  # noqa: F401
-from riverone_hf import RiverOneConfig
-from tests.tiny_models import FAST_AQLM, char_tokenizer, save_dense, tiny_qwen3
-from tests.training.test_pv_tuning import SCHEME
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = os.path.join(ROOT, "recipes", "pv_tune.py")
@@ -38,17 +34,14 @@ def load_recipe():
 
 
 @pytest.fixture(scope="module")
-def recipe_config(tmp_path_factory):
+def recipe_config(pv_dirs, tmp_path_factory):
+    dense, quantized = pv_dirs
     root = tmp_path_factory.mktemp("pv_recipe")
-    dense = save_dense(tiny_qwen3(), root / "dense")
-    model = AutoModelForCausalLM.from_pretrained(dense, quantization_config=RiverOneConfig(aqlm={**SCHEME, **FAST_AQLM}))
-    model.save_pretrained(root / "quantized")
-    char_tokenizer().save_pretrained(root / "quantized")
     train = root / "train.txt"
     shutil.copy(os.path.join(ROOT, "riverone_hf", "data", "calibration_pride_and_prejudice.txt"), train)
     train.write_text(train.read_text()[:12000])
     config = {
-        "model_name_or_path": str(root / "quantized"), "teacher_name_or_path": dense, "train_files": [str(train)],
+        "model_name_or_path": quantized, "teacher_name_or_path": dense, "train_files": [str(train)],
         "block_size": 32, "max_train_blocks": 16, "held_out_blocks": 4, "ppl_seq_len": 32, "ppl_max_windows": 4,
         "code_lr": 0.2, "max_code_change_per_step": 0.05, "beam_size": 2, "max_steps": 3,
         "per_device_train_batch_size": 4, "learning_rate": 0.003, "train_sampling_strategy": "sequential",
@@ -95,7 +88,8 @@ def test_two_cpu_ranks_equal_one_process(recipe_config, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads((two / "pv_results.json").read_text())["world_size"] == 2
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    start = load_file(root / "quantized" / "model.safetensors")
+    quantized = yaml.safe_load(open(path))["model_name_or_path"]
+    start = load_file(os.path.join(quantized, "model.safetensors"))
     assert a.keys() == b.keys()
     moved = 0
     for key in a:

@@ -6,19 +6,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import riverone_hf  # noqa: F401
-from riverone_hf import AqlmLinear, RiverOneConfig
+from riverone_hf import AqlmLinear
 from riverone_hf.training import PVTrainer, PVTuningConfig, get_pv_model
-from tests.tiny_models import FAST_AQLM, save_dense, tiny_qwen3
-from tests.training.test_pv_tuning import SCHEME, pv_args, token_dataset
+from tests.training.test_pv_tuning import pv_args, token_dataset
 
 
-@pytest.fixture(scope="module")
-def quantized_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pv_resume")
-    dense = save_dense(tiny_qwen3(), root / "dense")
-    model = AutoModelForCausalLM.from_pretrained(dense, quantization_config=RiverOneConfig(aqlm={**SCHEME, **FAST_AQLM}))
-    model.save_pretrained(root / "quantized")
-    return str(root / "quantized")
+@pytest.fixture
+def quantized_dir(pv_dirs):
+    return pv_dirs[1]
 
 
 def run(quantized_dir, output_dir, resume=None, stop_after=None):

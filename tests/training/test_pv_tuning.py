@@ -13,24 +13,13 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 import riverone_hf  # noqa: F401  (registers quant_method "riverone")
-from riverone_hf import AqlmLinear, RiverOneConfig
+from riverone_hf import AqlmLinear
 from riverone_hf.aq.layout import code_dtype, unpack_codes
 from riverone_hf.training import PVTrainer, PVTrainingArguments, PVTuningConfig, get_pv_model
 from riverone_hf.training.pv import PVOptimizer, reencode_groups, trainable_parameter_summary
-from tests.tiny_models import FAST_AQLM, input_ids, save_dense, tiny_qwen3
+from tests.tiny_models import input_ids, tiny_qwen3
 
-SCHEME = {"num_codebooks": 1, "nbits_per_codebook": 8, "in_group_size": 8}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def pv_dirs(tmp_path_factory):
-    """(dense dir, quantized riverone dir) of a tiny Qwen3, quantized 1x8 with the fast engine settings."""
-    root = tmp_path_factory.mktemp("pv")
-    dense = save_dense(tiny_qwen3(), root / "dense")
-    model = AutoModelForCausalLM.from_pretrained(dense, quantization_config=RiverOneConfig(aqlm={**SCHEME, **FAST_AQLM}))
-    model.save_pretrained(root / "quantized")
-    return dense, str(root / "quantized")
 
 
 def load(path):

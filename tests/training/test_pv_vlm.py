@@ -7,8 +7,8 @@ from transformers import AutoModelForImageTextToText
 import riverone_hf  # noqa: F401
 from riverone_hf import AqlmLinear, RiverOneConfig
 from riverone_hf.training import PVTrainer, PVTuningConfig, get_pv_model
-from tests.tiny_models import FAST_AQLM, save_dense, tiny_internvl
-from tests.training.test_pv_tuning import SCHEME, pv_args
+from tests.tiny_models import FAST_AQLM, PV_SCHEME, save_dense, tiny_internvl
+from tests.training.test_pv_tuning import pv_args
 
 IMAGE_TOKEN = 5
 
@@ -43,7 +43,7 @@ def image_token_count(model) -> int:
 def test_pv_tuning_on_internvl_batches(tmp_path):
     dense_dir = save_dense(tiny_internvl(), tmp_path / "dense")
     student = AutoModelForImageTextToText.from_pretrained(
-        dense_dir, quantization_config=RiverOneConfig(aqlm={**SCHEME, **FAST_AQLM}))
+        dense_dir, quantization_config=RiverOneConfig(aqlm={**PV_SCHEME, **FAST_AQLM}))
     assert any(isinstance(m, AqlmLinear) for m in student.modules())
     teacher = AutoModelForImageTextToText.from_pretrained(dense_dir)
     model = get_pv_model(student, PVTuningConfig(code_lr=0.3, max_code_change_per_step=0.05, beam_size=2))

@@ -145,6 +145,28 @@ def test_one_pv_step_changes_at_most_tau_of_code_groups(pv_dirs, tmp_path):
     assert total_changed == sum(trainer.pv_optimizer.last_changed.values())
 
 
+@pytest.mark.parametrize("factor", [0.0, 0.5])
+def test_v_step_lr_follows_the_p_step_schedule(pv_dirs, factor):
+    """A scheduler at `factor` x the initial lr scales the proxy's step by `factor` (0: the proxy stays put)."""
+    _, quantized = pv_dirs
+
+    def proxy_moves(schedule):
+        model = get_pv_model(load(quantized), PVTuningConfig(max_code_change_per_step=0.05, beam_size=2))
+        optimizer = PVOptimizer(torch.optim.AdamW([model.model.norm.weight], lr=1e-3), model.pv_state)
+        if schedule is not None:
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule)
+        name = next(iter(model.pv_state.modules))
+        model.pv_state.grads[name] = torch.randn(optimizer.proxies[name]["proxy"].shape,
+                                                 generator=torch.Generator().manual_seed(0))
+        before = optimizer.proxies[name]["proxy"].clone()
+        optimizer.v_step()
+        return float((optimizer.proxies[name]["proxy"] - before).norm())
+
+    unscheduled = proxy_moves(None)
+    assert unscheduled > 0
+    assert proxy_moves(factor) == pytest.approx(factor * unscheduled, rel=1e-5, abs=1e-12)
+
+
 def test_loss_goes_down_and_monotonicity_is_logged(pv_dirs, tmp_path):
     dense, quantized = pv_dirs
     model = get_pv_model(load(quantized), PVTuningConfig(code_lr=0.05, max_code_change_per_step=0.05, beam_size=2))
@@ -191,13 +213,11 @@ def test_trained_model_saves_reloads_in_fresh_process_and_kernels_follow(pv_dirs
     codes_moved = any((m.codes != original[n][0]).any() for n, m in quantized_modules(model).items())
     books_moved = any(not torch.equal(m.codebooks, original[n][1]) for n, m in quantized_modules(model).items())
     assert codes_moved and books_moved
-    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
     for name, module in quantized_modules(model).items():
         with torch.no_grad():
             x_in = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
             torch.testing.assert_close(module(x_in), F.linear(x_in, module.dequantize(), module.bias),
                                        rtol=1e-4, atol=1e-5, msg=name)
-    del x
     out = tmp_path / "saved"
     trainer.save_model(str(out))
     with torch.no_grad():

@@ -17,7 +17,8 @@ class PVTuningConfig:
     """How the quantized model is tuned: which continuous parameters the P-step trains, how the V-step moves codes."""
 
     code_lr: float = field(default=1e-2, metadata={"help": "V-step: learning rate of the Adam-like step on the fp32 "
-                                                           "straight-through proxy of each quantized weight."})
+                                                           "straight-through proxy of each quantized weight; scaled "
+                                                           "by the P-step's lr schedule (current lr / initial lr)."})
     code_betas: list[float] = field(default_factory=lambda: [0.0, 0.95], metadata={
         "help": "V-step: (beta1, beta2) of the proxy's Adam-like step, each in [0, 1)."})
     code_trust_ratio: bool = field(default=True, metadata={

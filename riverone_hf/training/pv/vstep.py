@@ -7,9 +7,14 @@ accumulator — the gradient `F.linear` would give its weight. Accumulators sum 
 accumulation), are averaged across processes (all-reduce) at the step, and are cleared after it.
 
 `PVOptimizer` wraps the P-step optimizer (AdamW by default): `step()` = P-step on the continuous parameters,
-then V-step on the codes. It shares the inner optimizer's `param_groups` (so LR schedulers drive the P-step),
-and its `state_dict` holds both the P-step state and, per quantized weight, the proxy and its moments
-(fp32), so a checkpoint resumes with the same proxies and optimizer states.
+then V-step on the codes. It shares the inner optimizer's `param_groups` (so LR schedulers drive the P-step; the
+V-step's `code_lr` follows the same schedule), and its `state_dict` holds both the P-step state and, per quantized
+weight, the proxy and its moments (fp32), so a checkpoint resumes with the same proxies and optimizer states.
+
+FSDP2 (`fully_shard`: per-parameter DTensors, so the int8/int16 codes keep their dtype and are never flattened
+into a float buffer; they never require grad): the V-step all-gathers each weight's codes, codebooks and scales,
+computes on the whole weight exactly as one process would (the proxy and its moments are whole on every rank:
+12 bytes per quantized weight, not sharded), and each rank writes back only its own shard of the new codes.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ...aq.beam_search import beam_search_codes
-from ...aq.layout import pack_codes, unpack_codes
+from ...aq.layout import dequantize, pack_codes, unpack_codes
 from ...modeling.aqlm_linear import AqlmLinear
 from .config import PVTuningConfig
 
@@ -63,6 +69,31 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2-sharded parameter (DTensor) is all-gathered, anything else returned as is."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor
+
+
+def _write_codes(module: AqlmLinear, codes: torch.Tensor) -> None:
+    """Store the whole new `codes` in `module.codes`: in place, or, when FSDP2 shards it, this rank's shard only
+    (sliced locally the way the DTensor's placements cut it, no communication)."""
+    if _is_sharded(module.codes):
+        shard = distribute_tensor(codes, module.codes.device_mesh, module.codes.placements, src_data_rank=None)
+        module.codes.to_local().copy_(shard.to_local())
+    else:
+        module.codes.copy_(codes)
+
+
+def whole_dequantized(module: AqlmLinear) -> torch.Tensor:
+    """The module's whole dequantized weight [out, in] in fp32, also when FSDP2 shards its parameters."""
+    return dequantize(whole_tensor(module.codes), whole_tensor(module.codebooks), whole_tensor(module.scales)).float()
+
+
 def group_distances(delta: torch.Tensor, module: AqlmLinear) -> torch.Tensor:
     """[out, in] difference -> [O*I] squared norm per code group (one group = out_group x in_group weights)."""
     num_out_groups, num_in_groups, _ = module.codes.shape
@@ -88,7 +119,7 @@ def reencode_groups(
     num_out_groups, num_in_groups, num_codebooks = module.codes.shape
     go, gi, nbits = module.out_group_size, module.in_group_size, module.nbits_per_codebook
     k = groups.numel()
-    codes = unpack_codes(module.codes, nbits).reshape(num_out_groups * num_in_groups, num_codebooks)
+    codes = unpack_codes(whole_tensor(module.codes), nbits).reshape(num_out_groups * num_in_groups, num_codebooks)
     target_groups = (
         target.float().view(num_out_groups, go, num_in_groups, gi).permute(0, 2, 1, 3)
         .reshape(num_out_groups * num_in_groups, go, gi)
@@ -96,14 +127,14 @@ def reencode_groups(
     # the selected groups as k output groups with one input group each: [k*go, gi]
     weight = target_groups.index_select(0, groups).reshape(k * go, gi)
     start = codes.index_select(0, groups).view(k, 1, num_codebooks)
-    scales = module.scales.detach().float().reshape(-1).repeat_interleave(num_in_groups).index_select(0, groups)
+    scales = whole_tensor(module.scales).float().reshape(-1).repeat_interleave(num_in_groups).index_select(0, groups)
     new = beam_search_codes(
-        weight, start, module.codebooks.detach().float(), scales.view(k, 1, 1, 1), None,
+        weight, start, whole_tensor(module.codebooks).float(), scales.view(k, 1, 1, 1), None,
         beam_size=beam_size, generator=generator, max_chunk_bytes=max_chunk_bytes,
     ).view(k, num_codebooks)
     changed = int((new != start.view(k, num_codebooks)).any(-1).sum())
     codes = codes.index_copy(0, groups, new)
-    module.codes.copy_(pack_codes(codes.view(num_out_groups, num_in_groups, num_codebooks), nbits))
+    _write_codes(module, pack_codes(codes.view(num_out_groups, num_in_groups, num_codebooks), nbits))
     return changed
 
 
@@ -120,15 +151,9 @@ class PVOptimizer(torch.optim.Optimizer):
         self.defaults = p_optimizer.defaults
         self.v_step_count = 0
         self.proxies: dict[str, dict[str, torch.Tensor]] = {}
-        for name, module in pv_state.modules.items():
-            if any(type(t).__name__ == "DTensor" for t in (module.codes, module.codebooks, module.scales)):
-                raise NotImplementedError(
-                    f"{name}: sharded (FSDP2 DTensor) AqlmLinear parameters: the V-step needs whole codes and "
-                    "codebooks; run PV-Tuning under DDP (recipes/accelerate/ddp_8gpu.yaml)"
-                )
         with torch.no_grad():
             for name, module in pv_state.modules.items():
-                proxy = module.dequantize().detach().float().clone()
+                proxy = whole_dequantized(module).clone()
                 self.proxies[name] = {
                     "proxy": proxy, "exp_avg": torch.zeros_like(proxy), "exp_avg_sq": torch.zeros_like(proxy)
                 }
@@ -154,6 +179,13 @@ class PVOptimizer(torch.optim.Optimizer):
             self.monitor("after_v")
         return loss
 
+    def lr_schedule_factor(self) -> float:
+        """The P-step's current lr over its initial lr (1 without a scheduler): the V-step's `code_lr` follows the
+        same schedule (warm-up, decay) as the P-step's lr."""
+        group = self.param_groups[0]
+        initial = group.get("initial_lr", group["lr"])
+        return float(group["lr"] / initial) if initial else 1.0
+
     @torch.no_grad()
     def v_step(self) -> dict[str, int]:
         """Adam-like step of every proxy on its accumulated gradient, then re-encode the top-tau code groups."""
@@ -163,6 +195,7 @@ class PVOptimizer(torch.optim.Optimizer):
         beta1, beta2 = cfg.code_betas
         world = _world_size()
         generator = torch.Generator().manual_seed(cfg.code_seed + t)
+        schedule = self.lr_schedule_factor()
         changed = {}
         for name, module in self.pv_state.modules.items():
             grad = self.pv_state.grads.get(name)
@@ -178,11 +211,11 @@ class PVOptimizer(torch.optim.Optimizer):
             m_hat = state["exp_avg"] / (1 - beta1**t)
             v_hat = state["exp_avg_sq"] / (1 - beta2**t)
             direction = m_hat.div_(v_hat.sqrt_().add_(cfg.code_eps))
-            lr = cfg.code_lr
+            lr = cfg.code_lr * schedule
             if cfg.code_trust_ratio:
                 lr = lr * float(state["proxy"].norm() / direction.norm().clamp_min(1e-30))
             state["proxy"].add_(direction, alpha=-lr)
-            current = module.dequantize().float()
+            current = whole_dequantized(module)
             distance = group_distances(state["proxy"] - current, module)
             k = math.floor(cfg.max_code_change_per_step * distance.numel())
             groups = distance.topk(k).indices.sort().values if k else distance.new_zeros(0, dtype=torch.long)
@@ -190,7 +223,7 @@ class PVOptimizer(torch.optim.Optimizer):
                 module, state["proxy"], groups, beam_size=cfg.beam_size, generator=generator,
                 max_chunk_bytes=cfg.max_chunk_bytes,
             )
-            if world > 1:  # one result for every rank: rank 0's codes
+            if world > 1 and not _is_sharded(module.codes):  # one result for every rank: rank 0's codes
                 dist.broadcast(module.codes.data, src=0)
         self.pv_state.clear_grads()
         self.last_changed = changed

@@ -1,4 +1,4 @@
-"""`riverone` console script: a thin layer over the library (quantize, export, evaluate, verify, demo)."""
+"""`riverone` console script: a thin layer over the library (quantize, export, import, evaluate, verify, demo)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ def _export(args) -> None:
 
     export_aqlm(args.src, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out} (format {args.format}: loads with stock transformers + the aqlm package)")
+
+
+def _import(args) -> None:
+    from ..export.aqlm import import_aqlm
+
+    config = import_aqlm(args.src, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out} (riverone checkpoint of {len(config.quantization_map)} AQLM Linears from {args.format}: "
+          "`import riverone_hf` to load it)")
 
 
 def _evaluate(args) -> None:
@@ -85,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["aqlm"], help="aqlm: stock transformers AqlmConfig")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     export.set_defaults(func=_export)
+
+    importer = sub.add_parser("import", help="turn a checkpoint of another format into a riverone checkpoint")
+    importer.add_argument("src", help="checkpoint directory (aqlm: transformers' AQLM integration, quant_method aqlm)")
+    importer.add_argument("out", help="output directory (written atomically)")
+    importer.add_argument("--format", required=True, choices=["aqlm"], help="aqlm: stock transformers AqlmConfig")
+    importer.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    importer.set_defaults(func=_import)
 
     evaluate = sub.add_parser("evaluate", help="measure a checkpoint; write riverone_results.json beside it")
     evaluate.add_argument("path", help="checkpoint directory (riverone or dense)")

@@ -1,9 +1,15 @@
-"""Export a riverone AQLM checkpoint for stock transformers (`AqlmConfig`) + the `aqlm` package.
+"""Convert between riverone AQLM checkpoints and stock transformers' AQLM format (`AqlmConfig` + the `aqlm` package).
 
-The tensors already use the aqlm layout and names, so export copies the checkpoint files and rewrites
-`quantization_config` as an `AqlmConfig` (dropping riverone's guard tensor and hashes) whose `linear_weights_not_to_quantize` lists every Linear that
-riverone left dense (module names AND `<name>.weight`, which transformers 5.x and the aqlm converter
-each expect). Stock AQLM has one global scheme, so mixed schemes and non-AQLM stages are refused.
+The tensors already use the aqlm layout and names. Export copies the checkpoint files and rewrites
+`quantization_config` as an `AqlmConfig` (dropping riverone's guard tensor and hashes) whose
+`linear_weights_not_to_quantize` lists every Linear that riverone left dense (module names AND `<name>.weight`,
+which transformers 5.x and the aqlm converter each expect). Stock AQLM has one global scheme, so mixed schemes
+and non-AQLM stages are refused.
+
+Import (`import_aqlm`) is the reverse, for checkpoints as the AQLM authors publish them: the Linears whose
+`<name>.codes` are stored become riverone AqlmLinear entries of the one scheme (checked against the config's
+skip list), the model is loaded through riverone and saved with riverone's hashes and guard, so it can be
+PV-tuned and run with riverone's CPU kernels; the logits are those of the same tensors.
 """
 
 from __future__ import annotations
@@ -23,16 +29,20 @@ from ..config import RiverOneConfig
 from ..fileio import atomic_output_dir
 
 
-def _linear_names(config) -> list[str]:
-    """Full names of every nn.Linear of the model that `config` describes (built on the meta device)."""
+def _model_class(config):
+    """The transformers class that config.json's `architectures` names."""
     import transformers
 
     architectures = getattr(config, "architectures", None) or []
     if not architectures or not hasattr(transformers, architectures[0]):
         raise ValueError(f"config.json names no transformers architecture class (architectures={architectures})")
-    model_cls = getattr(transformers, architectures[0])
+    return getattr(transformers, architectures[0])
+
+
+def _linear_names(config) -> list[str]:
+    """Full names of every nn.Linear of the model that `config` describes (built on the meta device)."""
     with torch.device("meta"):
-        skeleton = model_cls(config)
+        skeleton = _model_class(config)(config)
     return [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)]
 
 
@@ -91,3 +101,74 @@ def export_aqlm(src: str, out: str, overwrite: bool = False) -> AqlmConfig:
         with open(config_path, "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2, sort_keys=True)
     return aqlm_config
+
+
+def _stored_tensor_names(src: str) -> set[str]:
+    """Names of every tensor in the safetensors files of checkpoint folder `src` (headers only)."""
+    from safetensors import safe_open
+
+    files = [name for name in os.listdir(src) if name.endswith(".safetensors")]
+    if not files:
+        raise ValueError(f"{src}: no .safetensors weight files (only safetensors checkpoints are imported)")
+    names: set[str] = set()
+    for name in files:
+        with safe_open(os.path.join(src, name), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def riverone_config_for_stock_aqlm(src: str) -> RiverOneConfig:
+    """The riverone config (one AQLM map entry per quantized Linear) of the stock AQLM checkpoint in `src`."""
+    config = AutoConfig.from_pretrained(src)
+    quant = config.quantization_config
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("quant_method") != "aqlm":
+        raise ValueError(f"{src}: quantization_config.quant_method is {quant.get('quant_method')!r}; --format aqlm "
+                         "imports checkpoints of transformers' AQLM integration (quant_method 'aqlm')")
+    scheme = {field: int(quant[field]) for field in SCHEME_FIELDS}
+    stored = _stored_tensor_names(src)
+    skip = list(quant.get("linear_weights_not_to_quantize") or [])
+    quantized = []
+    for name in _linear_names(config):
+        has_codes, listed_dense = f"{name}.codes" in stored, name in skip or f"{name}.weight" in skip
+        if has_codes and listed_dense:
+            raise ValueError(f"{src}: `{name}` has stored codes but linear_weights_not_to_quantize lists it as dense")
+        if not has_codes and f"{name}.weight" not in stored and not listed_dense:
+            raise ValueError(f"{src}: the Linear `{name}` has neither `{name}.codes` nor `{name}.weight` stored")
+        if has_codes:
+            quantized.append(name)
+    if not quantized:
+        raise ValueError(f"{src}: no Linear has stored codes (`<name>.codes`): not an AQLM checkpoint")
+    return RiverOneConfig(quantization_map={name: {"stage": "aqlm", **scheme} for name in quantized})
+
+
+def import_aqlm(src: str, out: str, overwrite: bool = False) -> RiverOneConfig:
+    """Write to `out` a riverone checkpoint (hashes, guard) of the stock AQLM checkpoint `src`, same tensors."""
+    import tempfile
+
+    from ..fileio import check_output_dir
+
+    check_output_dir(out, overwrite)
+    riverone = riverone_config_for_stock_aqlm(src)
+    model_cls = _model_class(AutoConfig.from_pretrained(src))
+    with tempfile.TemporaryDirectory(prefix="riverone-import-") as staging:
+        for name in os.listdir(src):
+            path = os.path.join(src, name)
+            if os.path.isfile(path) and not name.endswith((".bin", ".pt", ".pth", ".pkl")):
+                os.symlink(os.path.abspath(path), os.path.join(staging, name))
+        config_path = os.path.join(staging, "config.json")
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        config["quantization_config"] = riverone.to_dict()
+        os.unlink(config_path)
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2, sort_keys=True)
+        model = model_cls.from_pretrained(staging)
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp)
+            for name in os.listdir(src):
+                path = os.path.join(src, name)
+                if os.path.isfile(path) and not os.path.exists(os.path.join(tmp, name)) and not name.endswith(
+                        (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".pkl")):
+                    shutil.copy2(path, os.path.join(tmp, name))
+    return riverone

@@ -18,10 +18,10 @@ Two options (the AQLM paper's Alg. 1):
     kept in `finetune.activation_dtype` (float16 by default), or in files under `finetune.offload_dir`.
 
 Several processes (`torchrun`, `accelerate launch` with real ranks: `torch.distributed` initialised): every
-rank runs the same block passes on the same windows; the Linears of each group are dealt round-robin to the
-ranks, each rank quantizes its own and builds an empty `skeleton` for the others, and the owner broadcasts
-every tensor of each new module, so all ranks end with the same model as one process would (fine-tuning
-then runs identically on every rank).
+rank runs the same block passes on the same windows; the Linears of each group are dealt to the ranks by
+size (`balanced_owners`: largest first, to the least-loaded rank), each rank quantizes its own and builds an
+empty `skeleton` for the others, and the owner broadcasts every tensor of each new module, so all ranks end
+with the same model as one process would (fine-tuning then runs identically on every rank).
 """
 
 from __future__ import annotations
@@ -51,10 +51,23 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def balanced_owners(sizes: list[int], ranks: int) -> list[int]:
+    """The rank that quantizes each of the matrices of `sizes` (weights each): largest first, each to the rank
+    with the fewest weights so far (ties: the lower rank), so ranks get about equal work; deterministic, the
+    same on every rank."""
+    loads = [0] * ranks
+    owners = [0] * len(sizes)
+    for j in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
+        owner = min(range(ranks), key=lambda r: (loads[r], r))
+        owners[j] = owner
+        loads[owner] += sizes[j]
+    return owners
+
+
 def _quantize_names(model: nn.Module, xtxs: dict[str, "torch.Tensor | None"], quantize: QuantizeFn,
                     skeleton: SkeletonFn | None) -> None:
-    """`quantize(name, xtx)` for each name; with several ranks, name j is quantized by rank j % world and
-    broadcast from it (every rank needs `skeleton`)."""
+    """`quantize(name, xtx)` for each name; with several ranks, each name is quantized by the rank
+    `balanced_owners` gives it and broadcast from there (every rank needs `skeleton`)."""
     rank, size = world()
     if size == 1 or len(xtxs) == 0:
         for name, xtx in xtxs.items():
@@ -65,15 +78,16 @@ def _quantize_names(model: nn.Module, xtxs: dict[str, "torch.Tensor | None"], qu
     import torch.distributed as dist
 
     names = list(xtxs)
-    for j, name in enumerate(names):
-        if j % size == rank:
+    owners = balanced_owners([model.get_submodule(name).weight.numel() for name in names], size)
+    for name, owner in zip(names, owners):
+        if owner == rank:
             quantize(name, xtxs[name])
         else:
             skeleton(name)
-    for j, name in enumerate(names):
+    for name, owner in zip(names, owners):
         for tensor in model.get_submodule(name).state_dict().values():
             carrier = tensor if tensor.is_floating_point() else tensor.to(torch.int64)  # gloo: no int16
-            dist.broadcast(carrier, src=j % size)
+            dist.broadcast(carrier, src=owner)
             if carrier is not tensor:
                 tensor.copy_(carrier)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from riverone_hf.stages.sequential import find_blocks, quantize_sequentially
+from riverone_hf.stages.sequential import balanced_owners, find_blocks, quantize_sequentially
 from tests.tiny_models import input_ids, tiny_internvl, tiny_qwen3
 
 WINDOWS = input_ids(length=12)  # [2, 12]: two calibration windows
@@ -139,3 +139,13 @@ def test_on_cuda_the_xtx_are_on_the_device_and_match_the_cpu_run():
     for name in names:
         assert on_gpu.xtx[name].is_cuda
         torch.testing.assert_close(on_gpu.xtx[name].cpu(), on_cpu.xtx[name], rtol=1e-4, atol=1e-6)
+
+
+def test_balanced_owners_deal_matrices_by_size():
+    # a Qwen3-style block under GQA: q, k, v, o, gate, up, down (weights each)
+    sizes = [576 * 576, 192 * 576, 192 * 576, 576 * 576, 1536 * 576, 1536 * 576, 576 * 1536]
+    owners = balanced_owners(sizes, 2)
+    loads = [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(2)]
+    assert max(loads) - min(loads) <= min(sizes)  # round-robin (j % 2) would give 2,211,840 vs 1,327,104
+    assert owners == balanced_owners(sizes, 2)  # deterministic: every rank computes the same owners
+    assert balanced_owners(sizes, 1) == [0] * 7 and sorted(set(balanced_owners(sizes, 8))) == list(range(7))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from ..config import RiverOneConfig, get_stage
 from ..fileio import atomic_output_dir, check_output_dir
+from ..metrics.evaluation import write_quantization_record
 
 logger = logging.getLogger(__name__)
 
@@ -31,28 +33,41 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def auto_model_class(path: str):
-    """AutoModelForImageTextToText for vision-language configs, AutoModelForCausalLM otherwise."""
-    config = AutoConfig.from_pretrained(path)
+    """AutoModelForImageTextToText for vision-language configs, AutoModelForCausalLM otherwise. ValueError when
+    `path` is neither a checkpoint folder nor a reachable Hub repo id."""
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(f"source {path!r} is neither a checkpoint folder (with config.json) nor a Hub repo id "
+                         f"that can be reached: {err}") from err
     return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
 
 
-def save_with_side_files(model, src: str, out: str, overwrite: bool = False) -> None:
-    """Save `model` to `out` atomically, with the tokenizer/processor/generation files of `src`."""
+def save_with_side_files(model, src: str, out: str, overwrite: bool = False,
+                         quantization_seconds: float | None = None) -> None:
+    """Save `model` to `out` atomically, with the tokenizer/processor/generation files of `src`, and, given
+    `quantization_seconds`, the quantization record (`riverone_quantization.json`) of the saved weights."""
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         for name in SIDE_FILES:
             if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        if quantization_seconds is not None:
+            write_quantization_record(tmp, src, quantization_seconds)
 
 
 def quantize_checkpoint(src: str, out: str, config: RiverOneConfig, dtype: torch.dtype = torch.float32,
                         overwrite: bool = False):
-    """Load the dense checkpoint `src` with `config`, then write the compressed model to `out` atomically."""
+    """Load the dense checkpoint `src` with `config` (timed), then write the compressed model to `out`
+    atomically, with its quantization record (wall time, machine) for `riverone evaluate` and the model card."""
     check_output_dir(out, overwrite)
     model_cls = auto_model_class(src)
     logger.info("loading %s with %s and quantization_config=%s", src, model_cls.__name__, config.to_dict())
+    started = time.perf_counter()
     model = model_cls.from_pretrained(src, quantization_config=config, dtype=dtype)
-    save_with_side_files(model, src, out, overwrite)
+    seconds = time.perf_counter() - started
+    logger.info("compressed %s in %.1f s", src, seconds)
+    save_with_side_files(model, src, out, overwrite, quantization_seconds=seconds)
     return model
 
 

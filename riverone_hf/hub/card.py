@@ -114,6 +114,7 @@ def render_card(folder: str, repo_id: str, *, base_model: str | None = None, lic
         for e in results.get("evaluations", [])
     ]
     wall = [(k, _fmt(v, 2)) for k, v in (results.get("wall_times_s") or {}).items()]
+    quantized_on = (results.get("quantization") or {}).get("machine")
     return ModelCard.from_template(
         data,
         template_path=template_path or TEMPLATE_PATH,
@@ -129,4 +130,5 @@ def render_card(folder: str, repo_id: str, *, base_model: str | None = None, lic
         command=results.get("command", ""),
         machine=sorted((results.get("machine") or {}).items()),
         wall_times=wall,
+        quantization_machine=sorted(quantized_on.items()) if quantized_on else None,
     )

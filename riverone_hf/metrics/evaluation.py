@@ -3,7 +3,8 @@
 `evaluate_checkpoint(path, text_file)` loads the checkpoint as saved (``from_pretrained(path)``, so a
 riverone checkpoint goes through the riverone quantizer), runs the shipped `evaluate` metric
 ``riverone_perplexity`` (loaded by local path: offline), measures its sizes with `size_report`, and
-records the settings, the data's sha256 and token counts, the command, the machine, the wall times and
+records the settings, the data's sha256 and token counts, the command, the machine, the wall times (with the
+quantization time from ``riverone_quantization.json`` when that file describes these very weights) and
 the sha256 of every weight file. Model cards are rendered ONLY from this file, and publishing refuses a
 results file whose weight hashes do not match the folder: every published figure is a measurement of
 that very model.
@@ -14,12 +15,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import platform
 import sys
 import time
 
 RESULTS_FILE = "riverone_results.json"
+QUANTIZATION_FILE = "riverone_quantization.json"  # written by `riverone quantize` beside the weights
 RESULTS_FORMAT = "riverone_results"
 RESULTS_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -29,7 +32,10 @@ PERPLEXITY_DEFINITION = (
     "predictions per window, no context across windows, float32 log-probabilities"
 )
 
-__all__ = ["RESULTS_FILE", "evaluate_checkpoint", "file_sha256", "load_results", "weight_hashes"]
+__all__ = ["QUANTIZATION_FILE", "RESULTS_FILE", "evaluate_checkpoint", "file_sha256", "load_results",
+           "weight_hashes", "write_quantization_record"]
+
+logger = logging.getLogger(__name__)
 
 
 def file_sha256(path: str) -> str:
@@ -57,6 +63,39 @@ def machine_info() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "riverone_hf": __version__,
             "device": "cpu"}
     return {k: v for k, v in info.items() if v is not None}
+
+
+def _write_json(target: str, payload: dict) -> None:
+    """Write `payload` to `target` atomically (temp file + rename)."""
+    tmp = f"{target}.partial"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, target)
+
+
+def write_quantization_record(path: str, source: str, seconds: float) -> None:
+    """Record, beside the weights just saved in `path`, how long compressing `source` took and on which machine,
+    with the weights' sha256 so that `evaluate_checkpoint` reports it only for those very weights."""
+    _write_json(os.path.join(path, QUANTIZATION_FILE), {
+        "format": "riverone_quantization", "version": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source, "wall_time_s": seconds, "machine": machine_info(), "weights_sha256": weight_hashes(path),
+    })
+
+
+def _quantization_record(path: str, hashes: dict[str, str]) -> dict | None:
+    """The quantization record of `path` when it describes the weights there now (None otherwise)."""
+    target = os.path.join(path, QUANTIZATION_FILE)
+    if not os.path.isfile(target):
+        return None
+    with open(target, encoding="utf-8") as handle:
+        record = json.load(handle)
+    if record.get("weights_sha256") != hashes:
+        logger.warning("%s describes other weights than those in %s (trained or re-saved since): its quantization "
+                       "time is not reported", QUANTIZATION_FILE, path)
+        return None
+    return record
 
 
 def _auto_class(path: str):
@@ -118,6 +157,11 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
     eval_s = time.perf_counter() - started
 
     entries = (qconfig.get("quantization_map") or {}).values()
+    hashes = weight_hashes(path)
+    wall_times = {"load": load_s, "perplexity": eval_s}
+    quantization = _quantization_record(path, hashes)
+    if quantization is not None:
+        wall_times = {"quantization": quantization["wall_time_s"], **wall_times}
     results = {
         "format": RESULTS_FORMAT,
         "version": RESULTS_VERSION,
@@ -127,7 +171,7 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
             "model_type": model.config.model_type,
             "quant_method": qconfig.get("quant_method"),
             "stages": sorted({e.get("stage") for e in entries if isinstance(e, dict) and e.get("stage")}),
-            "weights_sha256": weight_hashes(path),
+            "weights_sha256": hashes,
         },
         "evaluations": [{
             "metric": "perplexity",
@@ -144,17 +188,14 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
         }],
         "sizes": _sizes(model),
         "machine": machine_info(),
-        "wall_times_s": {"load": load_s, "perplexity": eval_s},
+        "wall_times_s": wall_times,
         "command": command or f"riverone_hf.metrics.evaluation.evaluate_checkpoint({path!r}, {text_file!r}, "
                               f"seq_len={seq_len}, max_windows={max_windows}, batch_size={batch_size})",
     }
+    if quantization is not None:
+        results["quantization"] = {k: quantization[k] for k in ("source", "wall_time_s", "machine", "created")}
     if write:
-        target = os.path.join(path, RESULTS_FILE)
-        tmp = f"{target}.partial"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, target)
+        _write_json(os.path.join(path, RESULTS_FILE), results)
     return results
 
 

@@ -1,14 +1,17 @@
 """The `riverone` console script on a tiny model: quantize, export, clear errors, no partial output."""
 
+import json
 import os
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 import riverone_hf  # noqa: F401
 from riverone_hf import AqlmLinear
 from riverone_hf.cli import main
 from riverone_hf.fileio import atomic_output_dir
+from riverone_hf.metrics.evaluation import QUANTIZATION_FILE, weight_hashes
 from tests.tiny_models import FAST_AQLM
 
 
@@ -66,3 +69,31 @@ def test_failure_inside_quantization_leaves_no_output(qwen3_dir, tmp_path, monke
     assert main(["quantize", qwen3_dir, str(tmp_path / "q"), "--config", write_config(tmp_path / "c.yaml")]) == 2
     assert "engine failed" in capsys.readouterr().err
     assert [p for p in os.listdir(tmp_path) if p != "c.yaml"] == []
+
+
+def test_quantize_records_its_wall_time_and_evaluate_reports_it_for_those_weights(qwen3_dir, tmp_path):
+    out = tmp_path / "q"
+    assert main(["quantize", qwen3_dir, str(out), "--config", write_config(tmp_path / "c.yaml")]) == 0
+    record = json.loads((out / QUANTIZATION_FILE).read_text())
+    assert record["wall_time_s"] > 0 and record["source"] == qwen3_dir
+    assert record["weights_sha256"] == weight_hashes(str(out))
+    text = tmp_path / "held_out.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man. " * 8)
+    assert main(["evaluate", str(out), "--text", str(text), "--seq-len", "32", "--max-windows", "2"]) == 0
+    results = json.loads((out / "riverone_results.json").read_text())
+    assert results["wall_times_s"]["quantization"] == record["wall_time_s"]
+    assert results["quantization"]["machine"] == record["machine"]
+    # other weights (trained, re-saved) than those the record describes: no quantization time is reported
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    model.save_pretrained(out)
+    assert main(["evaluate", str(out), "--text", str(text), "--seq-len", "32", "--max-windows", "2"]) == 0
+    results = json.loads((out / "riverone_results.json").read_text())
+    assert "quantization" not in results["wall_times_s"] and "quantization" not in results
+
+
+def test_missing_source_is_a_clear_error_before_work(tmp_path, capsys):
+    assert main(["quantize", str(tmp_path / "no-such-model"), str(tmp_path / "q")]) == 2
+    assert "neither a checkpoint folder" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

@@ -15,3 +15,12 @@ def metric_path(name: str) -> str:
         shipped = sorted(d for d in os.listdir(HERE) if os.path.isfile(os.path.join(HERE, d, f"{d}.py")))
         raise ValueError(f"no shipped evaluate metric named {name!r}; shipped: {shipped}")
     return path
+
+
+def metric_info(description: str, inputs_description: str, features: dict):
+    """The `evaluate.MetricInfo` of a shipped metric (no citation: riverone's own definitions)."""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(module_type="metric", description=description, citation="",
+                               inputs_description=inputs_description, features=datasets.Features(features))

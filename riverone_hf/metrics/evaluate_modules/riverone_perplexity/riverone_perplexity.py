@@ -10,10 +10,10 @@ exp(mean NLL in nats), float32 log-probabilities.
 import datasets
 import evaluate
 
+from riverone_hf.metrics.evaluate_modules import metric_info
 from riverone_hf.metrics.perplexity import perplexity, tokenize_text
 
 _DESCRIPTION = __doc__
-_CITATION = ""
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (list of str): the evaluation text(s), joined with two newlines into one token stream.
@@ -30,13 +30,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class RiverOnePerplexity(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            module_type="metric",
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string")}),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, {"predictions": datasets.Value("string")})
 
     def _compute(self, predictions, model=None, tokenizer=None, seq_len=512, max_windows=None, batch_size=1):
         if model is None or tokenizer is None:

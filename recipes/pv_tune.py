@@ -170,6 +170,10 @@ def main(args: RecipeArguments, pv_config, training_args):
                                      f"of the eval text (riverone_hf.metrics.perplexity)",
             "train_loss": train_result.training_loss,
             "train_blocks": int(train.shape[0]), "block_size": args.block_size,
+            "optimizer_steps": trainer.state.global_step,
+            "tokens_seen": trainer.state.global_step * training_args.per_device_train_batch_size
+            * training_args.gradient_accumulation_steps * training_args.world_size * args.block_size,
+            "train_seconds": train_result.metrics["train_runtime"],
         },
         "monotonicity": {"summary": trainer.monotonicity_summary(), "records": trainer.monotonicity},
         "settings": {

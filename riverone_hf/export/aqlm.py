@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from .. import integrity
 from ..aq.settings import SCHEME_FIELDS
 from ..config import RiverOneConfig
-from ..fileio import atomic_output_dir
+from ..fileio import atomic_output_dir, check_output_dir
 
 
 def _model_class(config):
@@ -87,7 +88,7 @@ def export_aqlm(src: str, out: str, overwrite: bool = False) -> AqlmConfig:
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         for name in os.listdir(src):
             path = os.path.join(src, name)
-            if name.endswith((".bin", ".pt", ".pth", ".pkl")):
+            if name.endswith(integrity.PICKLE_SUFFIXES):
                 raise ValueError(f"{path}: only safetensors checkpoints are exported (nothing is unpickled)")
             if name.endswith(".safetensors"):
                 _write_without_riverone_parts(path, os.path.join(tmp, name))
@@ -144,17 +145,13 @@ def riverone_config_for_stock_aqlm(src: str) -> RiverOneConfig:
 
 def import_aqlm(src: str, out: str, overwrite: bool = False) -> RiverOneConfig:
     """Write to `out` a riverone checkpoint (hashes, guard) of the stock AQLM checkpoint `src`, same tensors."""
-    import tempfile
-
-    from ..fileio import check_output_dir
-
     check_output_dir(out, overwrite)
     riverone = riverone_config_for_stock_aqlm(src)
     model_cls = _model_class(AutoConfig.from_pretrained(src))
     with tempfile.TemporaryDirectory(prefix="riverone-import-") as staging:
         for name in os.listdir(src):
             path = os.path.join(src, name)
-            if os.path.isfile(path) and not name.endswith((".bin", ".pt", ".pth", ".pkl")):
+            if os.path.isfile(path) and not name.endswith(integrity.PICKLE_SUFFIXES):
                 os.symlink(os.path.abspath(path), os.path.join(staging, name))
         config_path = os.path.join(staging, "config.json")
         with open(config_path, encoding="utf-8") as handle:
@@ -168,7 +165,7 @@ def import_aqlm(src: str, out: str, overwrite: bool = False) -> RiverOneConfig:
             model.save_pretrained(tmp)
             for name in os.listdir(src):
                 path = os.path.join(src, name)
-                if os.path.isfile(path) and not os.path.exists(os.path.join(tmp, name)) and not name.endswith(
-                        (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".pkl")):
+                weights = name.endswith((".safetensors", ".safetensors.index.json", *integrity.PICKLE_SUFFIXES))
+                if os.path.isfile(path) and not weights and not os.path.exists(os.path.join(tmp, name)):
                     shutil.copy2(path, os.path.join(tmp, name))
     return riverone

@@ -2,7 +2,7 @@
 
 Order (`publish`): `check_checkpoint` (no network: config with a riverone quantization_config, safetensors
 weights whose sha256 match the ones recorded in the results JSON, tokenizer files, `riverone_results.json`;
-`riverone_hf.integrity.verify_checkpoint` when present) -> token from the usual huggingface_hub places
+then `riverone_hf.integrity.verify_checkpoint`) -> token from the usual huggingface_hub places
 (never printed) -> one short-timeout request to the endpoint (`whoami`: unreachable endpoint or refused
 token fail here, in seconds) -> `create_repo(exist_ok=True)` -> branch for a non-default revision ->
 card rendered into a temporary copy of the folder as README.md -> ONE `upload_folder` commit. Publishing
@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from .. import integrity
 from ..metrics.evaluation import RESULTS_FILE, load_results, weight_hashes
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def check_checkpoint(folder: str) -> dict:
     names = set(os.listdir(folder))
     if not any(n.endswith(".safetensors") for n in names):
         problems.append("no *.safetensors weight file")
-    if any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for n in names):
+    if any(n.endswith(integrity.PICKLE_SUFFIXES) for n in names):
         problems.append("pickle weight files are present (only safetensors are published)")
     if not any(n in names for n in TOKENIZER_FILES):
         problems.append(f"no tokenizer files (one of {list(TOKENIZER_FILES)})")
@@ -76,12 +77,7 @@ def check_checkpoint(folder: str) -> dict:
                             "now in the folder): evaluate again")
     if problems:
         raise ValueError(f"{folder!r} is not a complete riverone checkpoint: " + "; ".join(problems))
-    try:
-        from ..integrity import verify_checkpoint
-    except ImportError:  # the integrity module is optional here
-        verify_checkpoint = None
-    if verify_checkpoint is not None:
-        verify_checkpoint(folder)
+    integrity.verify_checkpoint(folder)
     return results
 
 

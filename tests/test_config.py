@@ -141,6 +141,8 @@ def test_all_stages_round_trip():
 
 
 # Found by fuzzing (issue 14): each must be a ValueError naming the field, never another exception type.
+VQC_ENTRY = {"stage": "vqc", "in_features": 8, "out_features": 8, "bias": True, "n_wires": 2, "n_layers": 1,
+             "rank": 2, "hidden_size": 4, "chunk_size": 8, "noise_probability": 0.0, "exact_noise": False, "report": {}}
 HOSTILE = [
     ({"aqlm": {"overrides": [{"skip": True}]}}, "pattern"),  # was TypeError
     ({"aqlm": {"target_modules": ["a{4294967296}"]}}, "target_modules"),  # was OverflowError
@@ -164,6 +166,15 @@ HOSTILE = [
                                  "in_group_size": 8, "out_group_size": 1}}}, r"quantization_map\['m'\].*num_codebooks"),
     ({"quantization_map": {"m": []}}, r"quantization_map\['m'\]"),
     ({"quantization_map": {"m": {"stage": ["aqlm"]}}}, r"quantization_map\['m'\]\.stage"),
+    ({"quantization_map": {"m": {"stage": "minivit", "group": [0, 1]}}}, r"quantization_map\['m'\].*transforms"),
+    ({"quantization_map": {"m": {"stage": "minivit", "group": [0, 2], "transforms": [], "conv_kernel_size": 3}}},
+     r"quantization_map\['m'\].*adjacent"),
+    ({"quantization_map": {"m": {"stage": "minivit", "group": [0, 1], "transforms": ["x"], "conv_kernel_size": 3}}},
+     r"quantization_map\['m'\].*transforms"),
+    ({"quantization_map": {"m": {"stage": "vqc", "in_features": 8}}}, r"quantization_map\['m'\].*out_features"),
+    ({"quantization_map": {"m": {**VQC_ENTRY, "n_wires": 10**6}}}, r"quantization_map\['m'\].*n_wires"),
+    ({"quantization_map": {"m": {**VQC_ENTRY, "in_features": "8"}}}, r"quantization_map\['m'\]\.in_features"),
+    ({"quantization_map": {"m": {**VQC_ENTRY, "bias": 1}}}, r"quantization_map\['m'\]\.bias"),
 ]
 
 

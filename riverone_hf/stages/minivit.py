@@ -184,6 +184,17 @@ class MiniViTStage:
             for index in group
         }
 
+    def check_entry(self, module_name: str, entry: dict) -> None:
+        """ValueError naming the module and the field for a malformed `quantization_map` entry (group, transforms
+        and kernel size are checked by `MiniViTSpec`'s own rules)."""
+        missing = [k for k in ("group", "transforms", "conv_kernel_size") if k not in entry]
+        require(not missing, f"`quantization_map[{module_name!r}]` (minivit) lacks field(s) {missing}")
+        try:
+            MiniViTSpec(groups=[entry["group"]], transforms=entry["transforms"],
+                        conv_kernel_size=entry["conv_kernel_size"])
+        except ValueError as err:
+            raise ValueError(f"`quantization_map[{module_name!r}]` (minivit): {err}") from None
+
     def rebuild(self, model: nn.Module, entries: dict[str, dict]) -> None:
         """Re-create the recorded sharing and transforms on the (meta) skeleton of a riverone checkpoint."""
         tower = find_vision_tower(model)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -222,6 +223,22 @@ class VqcStage(CalibratedStage):
         entries, accounts = swap_linears(model, spec, plan)
         logger.info("%s\n%s", ACCOUNTING_TITLE, format_accounts(accounts))
         return entries
+
+    def check_entry(self, module_name: str, entry: dict) -> None:
+        """ValueError naming the module and the field for a malformed `quantization_map` entry (the circuit
+        fields are checked by `VqcSpec`'s own rules)."""
+        where = f"quantization_map[{module_name!r}]"
+        missing = [k for k in (*REBUILD_FIELDS, "report") if k not in entry]
+        require(not missing, f"`{where}` (vqc) lacks field(s) {missing}")
+        require_int(f"{where}.in_features", entry["in_features"], 1, 2**31)
+        require_int(f"{where}.out_features", entry["out_features"], 1, 2**31)
+        require_bool(f"{where}.bias", entry["bias"])
+        require(isinstance(entry["report"], dict), f"`{where}.report` must be a dict, got {entry['report']!r}")
+        circuit = {k: entry[k] for k in REBUILD_FIELDS if k not in ("in_features", "out_features", "bias")}
+        try:
+            VqcSpec(target_modules=[re.escape(module_name)], init="random", baselines=False, **circuit)
+        except ValueError as err:
+            raise ValueError(f"`{where}` (vqc): {err}") from None
 
     def rebuild(self, model: nn.Module, entries: dict[str, dict]) -> None:
         """Replace the recorded Linears by empty `VQCGeneratedLinear`s (before a riverone checkpoint loads)."""

@@ -129,33 +129,20 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def given(**fields) -> dict:
+    """The fields set on the command line (not None): the others keep the spec's defaults."""
+    return {key: value for key, value in fields.items() if value is not None}
+
+
 def build_config(args: argparse.Namespace, row: str):
     from riverone_hf import RiverOneConfig
     from riverone_hf.cli.demo_assets import shipped_text_path
 
     true_sequential, finetune = ROWS[row]
-    engine = {
-        key: value
-        for key, value in {
-            "beam_size": args.beam_size,
-            "max_epochs": args.max_epochs,
-            "steps_per_epoch": args.steps_per_epoch,
-            "kmeans_iters": args.kmeans_iters,
-            "relative_tolerance": args.relative_tolerance,
-        }.items()
-        if value is not None
-    }
-    tuning = {
-        key: value
-        for key, value in {
-            "lr": args.ft_lr,
-            "max_epochs": args.ft_epochs,
-            "batch_size": args.ft_batch_size,
-            "relative_tolerance": args.ft_tolerance,
-            "held_out_fraction": args.ft_held_out,
-        }.items()
-        if value is not None
-    }
+    engine = given(beam_size=args.beam_size, max_epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
+                   kmeans_iters=args.kmeans_iters, relative_tolerance=args.relative_tolerance)
+    tuning = given(lr=args.ft_lr, max_epochs=args.ft_epochs, batch_size=args.ft_batch_size,
+                   relative_tolerance=args.ft_tolerance, held_out_fraction=args.ft_held_out)
     return RiverOneConfig(
         aqlm={
             "num_codebooks": 2,

@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--quick-engine", action="store_true", help="beam 1, <= 2 rounds (a loaded machine)")
     parser.add_argument("--write", action="store_true", help="replace this section of BENCHMARKS.md")
     args = parser.parse_args()
+    if args.quantized and not os.path.isfile(os.path.join(args.quantized, "config.json")):
+        parser.error(f"--quantized {args.quantized!r}: no config.json there (a folder saved by bench/aq_model.py --save)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dense, quantized, quant_seconds = prepare(root, args)

@@ -73,6 +73,16 @@ def _demo(args) -> None:
     run_demo(out=args.out, overwrite=args.overwrite)
 
 
+def _conversion(sub, name: str, func, help: str, src_help: str) -> None:
+    """A format-conversion subcommand (export, import): SRC OUT --format aqlm [--overwrite]."""
+    parser = sub.add_parser(name, help=help)
+    parser.add_argument("src", help=src_help)
+    parser.add_argument("out", help="output directory (written atomically)")
+    parser.add_argument("--format", required=True, choices=["aqlm"], help="aqlm: stock transformers AqlmConfig")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="riverone", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
@@ -87,19 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     quantize.set_defaults(func=_quantize)
 
-    export = sub.add_parser("export", help="export a riverone checkpoint to another format")
-    export.add_argument("src", help="riverone checkpoint directory")
-    export.add_argument("out", help="output directory (written atomically)")
-    export.add_argument("--format", required=True, choices=["aqlm"], help="aqlm: stock transformers AqlmConfig")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    export.set_defaults(func=_export)
-
-    importer = sub.add_parser("import", help="turn a checkpoint of another format into a riverone checkpoint")
-    importer.add_argument("src", help="checkpoint directory (aqlm: transformers' AQLM integration, quant_method aqlm)")
-    importer.add_argument("out", help="output directory (written atomically)")
-    importer.add_argument("--format", required=True, choices=["aqlm"], help="aqlm: stock transformers AqlmConfig")
-    importer.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    importer.set_defaults(func=_import)
+    _conversion(sub, "export", _export, "export a riverone checkpoint to another format",
+                "riverone checkpoint directory")
+    _conversion(sub, "import", _import, "turn a checkpoint of another format into a riverone checkpoint",
+                "checkpoint directory (aqlm: transformers' AQLM integration, quant_method aqlm)")
 
     evaluate = sub.add_parser("evaluate", help="measure a checkpoint; write riverone_results.json beside it")
     evaluate.add_argument("path", help="checkpoint directory (riverone or dense)")

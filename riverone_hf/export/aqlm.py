@@ -40,6 +40,13 @@ def _model_class(config):
     return getattr(transformers, architectures[0])
 
 
+def _read_config(src: str):
+    """The transformers config of checkpoint folder `src`; ValueError (before any work) when it has none."""
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        raise ValueError(f"{src!r} is not a checkpoint folder: no config.json")
+    return AutoConfig.from_pretrained(src)
+
+
 def _linear_names(config) -> list[str]:
     """Full names of every nn.Linear of the model that `config` describes (built on the meta device)."""
     with torch.device("meta"):
@@ -49,7 +56,7 @@ def _linear_names(config) -> list[str]:
 
 def stock_aqlm_config(src: str) -> AqlmConfig:
     """The `AqlmConfig` under which stock transformers loads the riverone checkpoint in `src`."""
-    config = AutoConfig.from_pretrained(src)
+    config = _read_config(src)
     quant = config.quantization_config
     riverone = quant if isinstance(quant, RiverOneConfig) else RiverOneConfig.from_dict(quant)
     stages = {entry.get("stage") for entry in riverone.quantization_map.values()}
@@ -118,9 +125,10 @@ def _stored_tensor_names(src: str) -> set[str]:
     return names
 
 
-def riverone_config_for_stock_aqlm(src: str) -> RiverOneConfig:
-    """The riverone config (one AQLM map entry per quantized Linear) of the stock AQLM checkpoint in `src`."""
-    config = AutoConfig.from_pretrained(src)
+def riverone_config_for_stock_aqlm(src: str, config=None) -> RiverOneConfig:
+    """The riverone config (one AQLM map entry per quantized Linear) of the stock AQLM checkpoint in `src`
+    (`config`: its transformers config, when already read)."""
+    config = _read_config(src) if config is None else config
     quant = config.quantization_config
     quant = quant if isinstance(quant, dict) else quant.to_dict()
     if quant.get("quant_method") != "aqlm":
@@ -146,8 +154,9 @@ def riverone_config_for_stock_aqlm(src: str) -> RiverOneConfig:
 def import_aqlm(src: str, out: str, overwrite: bool = False) -> RiverOneConfig:
     """Write to `out` a riverone checkpoint (hashes, guard) of the stock AQLM checkpoint `src`, same tensors."""
     check_output_dir(out, overwrite)
-    riverone = riverone_config_for_stock_aqlm(src)
-    model_cls = _model_class(AutoConfig.from_pretrained(src))
+    config = _read_config(src)
+    riverone = riverone_config_for_stock_aqlm(src, config)
+    model_cls = _model_class(config)
     with tempfile.TemporaryDirectory(prefix="riverone-import-") as staging:
         for name in os.listdir(src):
             path = os.path.join(src, name)
@@ -155,11 +164,11 @@ def import_aqlm(src: str, out: str, overwrite: bool = False) -> RiverOneConfig:
                 os.symlink(os.path.abspath(path), os.path.join(staging, name))
         config_path = os.path.join(staging, "config.json")
         with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-        config["quantization_config"] = riverone.to_dict()
-        os.unlink(config_path)
+            stored = json.load(handle)
+        stored["quantization_config"] = riverone.to_dict()
+        os.unlink(config_path)  # a link to src's file: replace it, never write through it
         with open(config_path, "w", encoding="utf-8") as handle:
-            json.dump(config, handle, indent=2, sort_keys=True)
+            json.dump(stored, handle, indent=2, sort_keys=True)
         model = model_cls.from_pretrained(staging)
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .perplexity import _model_device
+
 __all__ = ["ImageTextExample", "candidate_scores", "image_text_agreement"]
 
 
@@ -52,7 +54,7 @@ class ImageTextExample:
 def candidate_scores(model, example: ImageTextExample, pad_token_id: int = 0) -> torch.Tensor:
     """Mean log-probability per token (nats) of each candidate of `example`, in one batched forward
     (right-padded; the padding is masked out and never scored). Returns a float32 tensor [num_candidates]."""
-    device = next(model.parameters()).device
+    device = _model_device(model)
     prefix = list(example.prefix_ids)
     rows = [prefix + list(c) for c in example.candidates]
     length = max(map(len, rows))

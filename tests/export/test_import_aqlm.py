@@ -62,3 +62,11 @@ def test_skip_list_contradicting_the_stored_codes_is_named(stock, tmp_path):
     with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj.*stored codes"):
         import_aqlm(str(bad), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_source_is_named_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        import_aqlm(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="no config.json"):
+        export_aqlm(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -148,7 +148,7 @@ def build_config(args: argparse.Namespace, row: str):
             "num_codebooks": 2,
             "nbits_per_codebook": 8,
             "in_group_size": 8,
-            "target_modules": [decoder_linears(args.layers)],
+            "target_modules": decoder_linears(args.layers),
             **engine,
             "true_sequential": true_sequential,
             "block_finetune": {"enabled": finetune, **tuning},

@@ -38,7 +38,7 @@ def quantization_config(args):
 
     fields = {
         "num_codebooks": 2, "nbits_per_codebook": 8, "in_group_size": 8,
-        "target_modules": [rf"model\.layers\.({'|'.join(str(i) for i in range(args.layers))})\.mlp\.(gate|up|down)_proj"],
+        "target_modules": rf"model\.layers\.({'|'.join(str(i) for i in range(args.layers))})\.mlp\.(gate|up|down)_proj",
         "calibration": {"text_files": [str(REPO / "riverone_hf" / "data" / "calibration_pride_and_prejudice.txt")],
                         "num_samples": args.calib_samples, "seq_len": 512},
     }

@@ -17,7 +17,7 @@ FULL = {
         "in_group_size": 8,
         "beam_size": 4,
         "calibration": {"text_files": ["a.txt"], "num_samples": 8, "seq_len": 64},
-        "target_modules": [r".*\.mlp\..*"],
+        "target_modules": r".*\.mlp\..*",
         "modules_to_not_convert": ["lm_head"],
         "overrides": [{"pattern": r".*down_proj", "num_codebooks": 2, "nbits_per_codebook": 8}, {"pattern": r".*\.0\..*", "skip": True}],
     }
@@ -69,8 +69,10 @@ BAD = [
     ({"calibration": {"text_files": ["a"], "num_samples": 0}}, "calibration.num_samples"),
     ({"calibration": {"text_files": ["a"], "seq_len": 1}}, "calibration.seq_len"),
     ({"calibration": {"text_files": ["a"], "bogus": 1}}, "bogus"),
-    ({"target_modules": "q_proj"}, "target_modules"),
-    ({"target_modules": ["("]}, "target_modules"),
+    ({"target_modules": 3}, "target_modules"),
+    ({"target_modules": []}, "target_modules"),
+    ({"target_modules": [""]}, "target_modules"),
+    ({"target_modules": "("}, "target_modules"),
     ({"modules_to_not_convert": [1]}, "modules_to_not_convert"),
     ({"overrides": [{"pattern": "x"}]}, "skip"),
     ({"overrides": [{"pattern": "x", "skip": True, "num_codebooks": 1}]}, "skip"),
@@ -114,7 +116,7 @@ BAD_OTHER_STAGES = [
     ({"minivit": {"share_every": 2, "conv_kernel_size": 4}}, "conv_kernel_size"),
     ({"minivit": {"share_every": 2, "start": 4, "end": 2}}, "minivit.end"),
     ({"vqc": {}}, "vqc.target_modules"),
-    ({"vqc": {"target_modules": ["("]}}, "vqc.target_modules"),
+    ({"vqc": {"target_modules": "("}}, "vqc.target_modules"),
     ({"vqc": {"target_modules": ["x"], "n_wires": 40}}, "vqc.n_wires"),
     ({"vqc": {"target_modules": ["x"], "rank": 0}}, "vqc.rank"),
     ({"vqc": {"target_modules": ["x"], "noise_probability": 1.5}}, "vqc.noise_probability"),
@@ -136,7 +138,7 @@ def test_minivit_groups_resolve_and_check_range():
 
 
 def test_all_stages_round_trip():
-    config = RiverOneConfig(aqlm={}, minivit={"groups": [[0, 1]]}, vqc={"target_modules": [r".*fc2"], "n_wires": 6})
+    config = RiverOneConfig(aqlm={}, minivit={"groups": [[0, 1]]}, vqc={"target_modules": r".*fc2", "n_wires": 6})
     assert RiverOneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
@@ -145,9 +147,9 @@ VQC_ENTRY = {"stage": "vqc", "in_features": 8, "out_features": 8, "bias": True, 
              "rank": 2, "hidden_size": 4, "chunk_size": 8, "noise_probability": 0.0, "exact_noise": False, "report": {}}
 HOSTILE = [
     ({"aqlm": {"overrides": [{"skip": True}]}}, "pattern"),  # was TypeError
-    ({"aqlm": {"target_modules": ["a{4294967296}"]}}, "target_modules"),  # was OverflowError
-    ({"aqlm": {"target_modules": ["(" * 2000 + ")" * 2000]}}, "target_modules"),  # was RecursionError
-    ({"aqlm": {"target_modules": ["(?:" * 60 + "a" + ")" * 60]}}, "target_modules"),  # nesting guard
+    ({"aqlm": {"target_modules": "a{4294967296}"}}, "target_modules"),  # was OverflowError
+    ({"aqlm": {"target_modules": "(" * 2000 + ")" * 2000}}, "target_modules"),  # was RecursionError
+    ({"aqlm": {"target_modules": "(?:" * 60 + "a" + ")" * 60}}, "target_modules"),  # nesting guard
     ({"aqlm": {"modules_to_not_convert": ["("]}}, "modules_to_not_convert"),  # was accepted, re.error at load
     ({"aqlm": {"modules_to_not_convert": ["x(?i)"]}}, "modules_to_not_convert"),  # breaks transformers' wrapper
     ({"aqlm": {"seed": 2**64}}, "seed"),
@@ -187,7 +189,8 @@ def test_hostile_values_raise_value_error_naming_the_field(fields, named):
 @pytest.mark.parametrize("aqlm, named", [
     ({"overrides": [{"pattern": r"model\.layers\.7\..*", "skip": True}]}, "overrides"),
     ({"modules_to_not_convert": ["no_such_module"]}, "modules_to_not_convert"),
-    ({"target_modules": [r".*nope"]}, "target_modules"),
+    ({"target_modules": r".*nope"}, "target_modules"),
+    ({"target_modules": ["nope"]}, "target_modules"),
 ])
 def test_patterns_that_match_nothing_raise_at_plan_time(aqlm, named):
     import torch

@@ -37,7 +37,7 @@ def demo_config() -> RiverOneConfig:
             "num_codebooks": 2,
             "nbits_per_codebook": 8,
             "in_group_size": 8,
-            "target_modules": [r"model\.layers\.[0-7]\.mlp\.(gate|up|down)_proj"],
+            "target_modules": r"model\.layers\.[0-7]\.mlp\.(gate|up|down)_proj",
             "calibration": {
                 "text_files": [str(shipped_text_path("calibration"))],
                 "num_samples": 16,

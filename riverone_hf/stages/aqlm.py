@@ -24,7 +24,7 @@ from ..modeling.aqlm_linear import AqlmLinear
 from ..validation import require, require_bool, require_regex, spec_from_dict
 from .block_finetune import BlockFinetuneSpec
 from .calibration_data import CalibratedStage, CalibrationSpec
-from .targeting import is_claimed, linears_matching, tied_module_names
+from .targeting import is_claimed, linears_matching, require_target_modules, tied_module_names
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,9 @@ class AqlmSpec(AqSettings):
             the engine's settings, see `riverone_hf.aq.AqSettings`.
         calibration (`CalibrationSpec` or dict, optional): local text for output-aware (XᵀX) quantization;
             data-free (XᵀX = identity) when absent.
-        target_modules (`list[str]`, optional): regexes (`re.fullmatch` on full module names) of the
-            Linears to quantize. Default: every Linear of the language model's decoder; the vision tower,
+        target_modules (`str` or `list[str]`, optional): the Linears to quantize, by peft's convention: one
+            string is a regular expression `re.fullmatch`ed on full module names; a list names modules exactly or
+            as a dotted suffix (`["down_proj"]`, `["mlp.down_proj"]`). Default: every Linear of the language model's decoder; the vision tower,
             projector, embeddings and lm_head are left alone unless matched here.
         modules_to_not_convert (`list[str]`, optional): module names never quantized, matched the way
             transformers' `should_convert_module` does (prefix at a module boundary, regex, or suffix).
@@ -100,8 +101,9 @@ class AqlmSpec(AqSettings):
     calibration: CalibrationSpec | None = field(
         default=None, metadata={"help": "Local text for XᵀX-aware quantization; data-free when absent."}
     )
-    target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Regexes (re.fullmatch, full names) of the Linears; default: the decoder's."}
+    target_modules: str | list[str] | None = field(
+        default=None, metadata={"help": "One regex (re.fullmatch on full names) or a list of names / dotted suffixes "
+                                        "(peft's convention); default: the decoder's Linears."}
     )
     modules_to_not_convert: list[str] | None = field(
         default=None, metadata={"help": "Module names never quantized (transformers' should_convert_module rules)."}
@@ -123,14 +125,12 @@ class AqlmSpec(AqSettings):
         super().__post_init__()
         if self.calibration is not None:
             self.calibration = spec_from_dict(CalibrationSpec, self.calibration, "calibration")
-        for name in ("target_modules", "modules_to_not_convert"):
-            value = getattr(self, name)
-            require(
-                value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
-                f"`{name}` must be a list of strings or None, got {value!r}",
-            )
-        for pattern in self.target_modules or []:
-            require_regex("target_modules[]", pattern)
+        require_target_modules("target_modules", self.target_modules, allow_none=True)
+        require(
+            self.modules_to_not_convert is None
+            or (isinstance(self.modules_to_not_convert, list) and all(isinstance(v, str) for v in self.modules_to_not_convert)),
+            f"`modules_to_not_convert` must be a list of strings or None, got {self.modules_to_not_convert!r}",
+        )
         for pattern in self.modules_to_not_convert or []:  # transformers' should_convert_module uses re.match
             require_regex("modules_to_not_convert[]", pattern)
             require_regex("modules_to_not_convert[]", rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))")  # as it is matched
@@ -161,7 +161,7 @@ def _decoder_prefix(model: nn.Module) -> str:
             return name
     raise ValueError(
         f"{type(model).__name__} exposes no language-model decoder (`get_decoder()`); "
-        "set `aqlm.target_modules` to the regexes of the Linears to quantize"
+        "set `aqlm.target_modules` to the Linears to quantize"
     )
 
 

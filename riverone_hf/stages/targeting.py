@@ -1,21 +1,51 @@
-"""Which modules a stage targets: regex selection of Linears, ownership by earlier stages, tied weights."""
+"""Which modules a stage targets: peft-style selection of Linears (one regex string, or a list of names and
+dotted suffixes), ownership by earlier stages through parent modules, tied weights."""
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
+from ..validation import compile_regex, require, require_regex
 
-def linears_matching(linears: dict[str, nn.Linear], patterns: list[str], field_name: str) -> list[str]:
-    """Names of `linears` that some pattern `re.fullmatch`es; ValueError for a pattern that matches none."""
-    for pattern in patterns:
-        if not any(re.fullmatch(pattern, name) for name in linears):
-            raise ValueError(
-                f"`{field_name}` pattern {pattern!r} matches no Linear (re.fullmatch on full module names); "
-                f"examples of names: {list(linears)[:5]}"
-            )
-    return [name for name in linears if any(re.fullmatch(p, name) for p in patterns)]
+
+REGEX_CHARACTERS = set("\\[](){}*+?|^$")
+
+
+def linears_matching(linears: dict[str, nn.Linear], target_modules: str | list[str], field_name: str) -> list[str]:
+    """Names of `linears` selected by `target_modules`, in the model's order, by peft's convention: one string
+    is a regular expression `re.fullmatch`ed on the full module name; a list names modules exactly or as a
+    dotted suffix (`"down_proj"`, `"mlp.fc2"`). ValueError for a string or a list entry that selects nothing."""
+    if isinstance(target_modules, str):
+        selected = [name for name in linears if compile_regex(target_modules).fullmatch(name)]
+        if not selected:
+            raise ValueError(f"`{field_name}` regular expression {target_modules!r} matches no Linear (re.fullmatch "
+                             f"on full module names); examples of names: {list(linears)[:5]}")
+        return selected
+    for entry in target_modules:
+        if not any(_names(name, entry) for name in linears):
+            hint = (" A list entry is a module name or a dotted suffix of one (peft's convention); give "
+                    f"`{field_name}` as ONE string for a regular expression." if REGEX_CHARACTERS & set(entry) else "")
+            raise ValueError(f"`{field_name}` entry {entry!r} names no Linear (exact name or dotted suffix); "
+                             f"examples of names: {list(linears)[:5]}.{hint}")
+    return [name for name in linears if any(_names(name, entry) for entry in target_modules)]
+
+
+def _names(name: str, entry: str) -> bool:
+    """Whether list entry `entry` names module `name`: equal to it, or a suffix at a dot boundary."""
+    return name == entry or name.endswith("." + entry)
+
+
+def require_target_modules(field_name: str, value, *, allow_none: bool) -> None:
+    """ValueError unless `value` is a regular expression (one string), a non-empty list of non-empty module
+    names (strings), or (when allowed) None."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, str):
+        require_regex(field_name, value)
+        return
+    require(isinstance(value, list) and value and all(isinstance(v, str) and v for v in value),
+            f"`{field_name}` must be one regular expression (a string) or a non-empty list of module names or "
+            f"dotted suffixes{' or None' if allow_none else ''}, got {value!r:.200}")
 
 
 def is_claimed(name: str, claimed: set[str]) -> bool:

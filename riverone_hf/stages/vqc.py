@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -30,9 +29,9 @@ from ..config import StagePlan
 from ..metrics.vqc_accounting import LayerAccount, account_layer, classical_twin, format_accounts
 from ..modeling.vqc_circuit import MAX_VQC_EXACT_NOISE_WIRES, MAX_VQC_WIRES
 from ..modeling.vqc_linear import VQCGeneratedLinear
-from ..validation import require, require_bool, require_choice, require_int, require_number, require_regex, spec_from_dict
+from ..validation import require, require_bool, require_choice, require_int, require_number, spec_from_dict
 from .calibration_data import CalibratedStage, CalibrationSpec
-from .targeting import is_claimed, linears_matching, tied_module_names
+from .targeting import is_claimed, linears_matching, require_target_modules, tied_module_names
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,8 @@ class VqcSpec:
     The VQC stage runs after MiniViT and before AQLM: a Linear it takes is left alone by AQLM.
 
     Args:
-        target_modules (`list[str]`): regexes, `re.fullmatch` against full module names; each must match a Linear.
+        target_modules (`str` or `list[str]`): peft's convention: one regular expression `re.fullmatch`ed on full
+            module names, or a list of names / dotted suffixes (`["mlp.fc2"]`); each must select a Linear.
         n_wires (`int`, defaults to 4): qubits of the circuit, 1..12 (1..8 with `exact_noise`).
         n_layers (`int`, defaults to 2): layers of trainable RX, RY, RZ + CNOT ring.
         rank (`int`, defaults to 8): rank r of W = U Vᵀ, at most min(in, out) of every targeted Linear.
@@ -75,8 +75,8 @@ class VqcSpec:
         seed (`int`, defaults to 0): seed of the initialisation.
     """
 
-    target_modules: list[str] = field(
-        default_factory=list, metadata={"help": "Regexes, re.fullmatch against full module names; each must match."}
+    target_modules: str | list[str] = field(
+        default_factory=list, metadata={"help": "One regex (re.fullmatch) or a list of names / dotted suffixes."}
     )
     n_wires: int = field(default=4, metadata={"help": f"Qubits, 1..{MAX_VQC_WIRES}."})
     n_layers: int = field(default=2, metadata={"help": "Circuit layers (RX, RY, RZ + CNOT ring), >= 1."})
@@ -95,12 +95,7 @@ class VqcSpec:
     seed: int = field(default=0, metadata={"help": "Seed of the initialisation, >= 0."})
 
     def __post_init__(self):
-        require(
-            isinstance(self.target_modules, list) and self.target_modules,
-            f"`vqc.target_modules` must be a non-empty list of regexes, got {self.target_modules!r}",
-        )
-        for pattern in self.target_modules:
-            require_regex("vqc.target_modules[]", pattern)
+        require_target_modules("vqc.target_modules", self.target_modules, allow_none=False)
         require_int("vqc.n_wires", self.n_wires, 1, MAX_VQC_WIRES)
         require_int("vqc.n_layers", self.n_layers, 1, 1_000)
         require_int("vqc.rank", self.rank, 1, 1_000_000)
@@ -236,7 +231,7 @@ class VqcStage(CalibratedStage):
         require(isinstance(entry["report"], dict), f"`{where}.report` must be a dict, got {entry['report']!r}")
         circuit = {k: entry[k] for k in REBUILD_FIELDS if k not in ("in_features", "out_features", "bias")}
         try:
-            VqcSpec(target_modules=[re.escape(module_name)], init="random", baselines=False, **circuit)
+            VqcSpec(target_modules=[module_name], init="random", baselines=False, **circuit)
         except ValueError as err:
             raise ValueError(f"`{where}` (vqc): {err}") from None
 

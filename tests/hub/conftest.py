@@ -31,10 +31,10 @@ STAGE_KINDS = {
     "aqlm": (tiny_qwen3, AutoModelForCausalLM, {"aqlm": {**SCHEME, **FAST_AQLM}}),
     "minivit": (tiny_internvl, AutoModelForImageTextToText, {"minivit": {"groups": [[0, 1]]}}),
     "vqc": (tiny_qwen3, AutoModelForCausalLM,
-            {"vqc": {"target_modules": [r"model\.layers\.0\.mlp\.down_proj"], **FAST_VQC}}),
+            {"vqc": {"target_modules": ["model.layers.0.mlp.down_proj"], **FAST_VQC}}),
     "mixed": (tiny_internvl, AutoModelForImageTextToText,
               {"minivit": {"groups": [[0, 1]]}, "aqlm": {**SCHEME, **FAST_AQLM},
-               "vqc": {"target_modules": [r"model\.language_model\.layers\.0\.mlp\.down_proj"], **FAST_VQC}}),
+               "vqc": {"target_modules": ["language_model.layers.0.mlp.down_proj"], **FAST_VQC}}),
 }
 
 

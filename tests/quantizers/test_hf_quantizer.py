@@ -123,7 +123,7 @@ def test_overrides_give_mixed_precision_and_skips(qwen3_dir, tmp_path):
 
 def test_bad_target_fails_before_loading_weights(qwen3_dir):
     with pytest.raises(ValueError, match="matches no Linear"):
-        AutoModelForCausalLM.from_pretrained(qwen3_dir, quantization_config=aqlm_config(target_modules=[r"nothing\.here"]))
+        AutoModelForCausalLM.from_pretrained(qwen3_dir, quantization_config=aqlm_config(target_modules=r"nothing\.here"))
     with pytest.raises(ValueError, match="in_group_size"):
         AutoModelForCausalLM.from_pretrained(qwen3_dir, quantization_config=aqlm_config(in_group_size=48))
 
@@ -177,7 +177,7 @@ def test_internvl_calibrated_on_text(tmp_path):
 
 def test_internvl_vision_tower_when_asked(tmp_path):
     path = save_dense(tiny_internvl(), tmp_path / "internvl")
-    config = aqlm_config(target_modules=[r"model\.vision_tower\..*\.mlp\.fc\d"])
+    config = aqlm_config(target_modules=r"model\.vision_tower\..*\.mlp\.fc\d")
     model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=config)
     assert converted(model) == {f"model.vision_tower.encoder.layer.{i}.mlp.fc{j}" for i in range(2) for j in (1, 2)}
 

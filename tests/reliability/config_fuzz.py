@@ -57,7 +57,7 @@ def _typed(field: dataclasses.Field):
 def _field_values(field: dataclasses.Field):
     """Plausible values for `field` mixed with anything at all."""
     plausible = {
-        "target_modules": st.lists(texts, max_size=3),
+        "target_modules": st.one_of(texts, st.lists(texts, max_size=3)),
         "modules_to_not_convert": st.lists(texts, max_size=3),
         "groups": st.lists(st.lists(ints, max_size=3), max_size=3),
         "transforms": st.lists(st.sampled_from(["attention", "mlp", "other", 3]), max_size=3),

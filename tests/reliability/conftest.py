@@ -13,7 +13,7 @@ import riverone_hf  # noqa: F401
 from riverone_hf import RiverOneConfig
 from tests.tiny_models import FAST_AQLM, input_ids
 
-TARGETS = [r"model\.layers\.0\.mlp\.(up|down)_proj"]
+TARGETS = ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
 
 
 def small_config() -> RiverOneConfig:

@@ -20,7 +20,7 @@ def quantize_tiny():
     """Tiny Qwen3, every decoder Linear and lm_head quantized with true-sequential + block fine-tuning."""
     model = tiny_qwen3()
     spec = AqlmSpec(num_codebooks=1, nbits_per_codebook=4, **FAST_AQLM, calibration={"text_files": ["unused.txt"]},
-                    target_modules=[r"model\.layers\.\d\..*_proj", "lm_head"], true_sequential=True,
+                    target_modules=r"model\.layers\.\d\..*_proj|lm_head", true_sequential=True,
                     block_finetune={"enabled": True, "lr": 1e-3, "max_epochs": 2, "relative_tolerance": 0.0})
     windows = torch.randint(1, 128, (4, 16), generator=torch.Generator().manual_seed(3))
     quantize_calibrated(model, plan_modules(model, spec), windows, true_sequential=True, finetune=spec.block_finetune)

@@ -43,7 +43,7 @@ class CodeRecorder:
 
 
 def quantize(model, target=BLOCK0, windows=WINDOWS, true_sequential=False, **finetune):
-    spec = AqlmSpec(**SCHEME, target_modules=[target], calibration=CALIBRATION, true_sequential=true_sequential,
+    spec = AqlmSpec(**SCHEME, target_modules=target, calibration=CALIBRATION, true_sequential=true_sequential,
                     block_finetune={"enabled": bool(finetune), **finetune})
     plan = plan_modules(model, spec)
     recorder = CodeRecorder(model, plan)
@@ -256,7 +256,7 @@ def test_from_pretrained_with_true_sequential_and_finetuning_reloads_identically
 
     text = tmp_path / "calib.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20)
-    config = RiverOneConfig(aqlm={**SCHEME, "target_modules": [BLOCK0], "true_sequential": True,
+    config = RiverOneConfig(aqlm={**SCHEME, "target_modules": BLOCK0, "true_sequential": True,
                                   "calibration": {"text_files": [str(text)], "num_samples": 4, "seq_len": 32},
                                   "block_finetune": {"enabled": True, "lr": 1e-3, "max_epochs": 2}})
     model = AutoModelForCausalLM.from_pretrained(qwen3_dir, quantization_config=config)

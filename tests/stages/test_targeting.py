@@ -1,5 +1,6 @@
-"""riverone_hf.stages.targeting: regex (fullmatch) selection of Linears, the ValueError naming the config
-field, ownership by earlier stages through parent modules, and tied weights."""
+"""riverone_hf.stages.targeting: peft-style selection of Linears (one regex string, fullmatch; a list of names
+or dotted suffixes), the ValueError naming the config field, ownership by earlier stages through parent
+modules, and tied weights."""
 
 import re
 
@@ -23,40 +24,68 @@ DOWN = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
 
 @pytest.mark.parametrize(
-    "patterns, expected",
+    "regex, expected",
     [
-        ([r"model\.layers\.\d+\.mlp\.down_proj"], DOWN),
-        ([r"model\.layers\.0\.mlp\..*"], LAYER_0_MLP),
-        ([r"lm_head"], ["lm_head"]),
-        # names come once each, in the model's order, whatever the order and overlap of the patterns
-        ([r"model\.layers\.1\.mlp\.down_proj", r".*\.down_proj"], DOWN),
-        ([r".*\.[qkvo]_proj"], [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"]),
+        (r"model\.layers\.\d+\.mlp\.down_proj", DOWN),
+        (r"model\.layers\.0\.mlp\..*", LAYER_0_MLP),
+        (r"lm_head", ["lm_head"]),
+        (r"model\.layers\.1\.mlp\.down_proj|.*\.down_proj", DOWN),  # once each, in the model's order
+        (r".*\.[qkvo]_proj", [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"]),
     ],
-    ids=["down-every-layer", "one-block-mlp", "lm-head", "overlapping-patterns-once-in-model-order", "attention"],
+    ids=["down-every-layer", "one-block-mlp", "lm-head", "overlapping-alternatives-once-in-model-order", "attention"],
 )
-def test_selection_by_fullmatch(patterns, expected):
-    assert linears_matching(qwen3_linears(), patterns, "aqlm.target_modules") == expected
+def test_one_string_is_a_regex_fullmatched_on_full_names(regex, expected):
+    assert linears_matching(qwen3_linears(), regex, "aqlm.target_modules") == expected
 
 
 @pytest.mark.parametrize(
-    "patterns, unmatched",
+    "names, expected",
     [
-        ([r"down_proj"], r"down_proj"),  # would match with re.search, not with re.fullmatch
-        ([r"model\.layers\.0"], r"model\.layers\.0"),  # a block, not a Linear (and a prefix of names)
-        ([r"model\.layers\.\d+\.mlp\.down_proj", r"model\.layers\.9\..*"], r"model\.layers\.9\..*"),
-        ([r"model\.embed_tokens"], r"model\.embed_tokens"),  # an Embedding, not a Linear
+        (["down_proj"], DOWN),  # what a peft user writes
+        (["mlp.down_proj"], DOWN),
+        (["model.layers.0.mlp.down_proj"], DOWN[:1]),  # an exact full name
+        (["0.mlp.gate_proj", "0.mlp.up_proj", "layers.0.mlp.down_proj"], LAYER_0_MLP),
+        (["layers.1.mlp.down_proj", "down_proj"], DOWN),  # once each, in the model's order
+        (["lm_head"], ["lm_head"]),
     ],
-    ids=["substring-is-not-enough", "block-prefix", "one-of-two-patterns-unmatched", "embedding-not-linear"],
+    ids=["bare-name", "dotted-suffix", "exact-name", "several-suffixes", "overlap-once-in-model-order", "lm-head"],
 )
-def test_a_pattern_that_matches_nothing_names_the_field_and_the_pattern(patterns, unmatched):
-    message = f"`vqc.target_modules` pattern {unmatched!r} matches no Linear"
+def test_a_list_names_modules_exactly_or_by_dotted_suffix(names, expected):
+    assert linears_matching(qwen3_linears(), names, "aqlm.target_modules") == expected
+
+
+@pytest.mark.parametrize(
+    "regex",
+    [r"down_proj", r"model\.layers\.0", r"model\.embed_tokens"],
+    ids=["substring-is-not-enough", "block-prefix", "embedding-not-linear"],
+)
+def test_a_regex_that_matches_nothing_names_the_field_and_the_regex(regex):
+    message = f"`vqc.target_modules` regular expression {regex!r} matches no Linear"
     with pytest.raises(ValueError, match=re.escape(message)) as error:
-        linears_matching(qwen3_linears(), patterns, "vqc.target_modules")
+        linears_matching(qwen3_linears(), regex, "vqc.target_modules")
     assert "fullmatch" in str(error.value) and "model.layers.0.self_attn.q_proj" in str(error.value)  # examples
 
 
-def test_no_patterns_select_nothing():
-    assert linears_matching(qwen3_linears(), [], "aqlm.target_modules") == []
+@pytest.mark.parametrize(
+    "names, unmatched",
+    [
+        (["own_proj"], "own_proj"),  # a suffix only at a dot boundary
+        (["model.layers.0"], "model.layers.0"),  # a block, not a Linear
+        (["down_proj", "layers.9.mlp.down_proj"], "layers.9.mlp.down_proj"),  # one of two unmatched
+        (["embed_tokens"], "embed_tokens"),  # an Embedding, not a Linear
+    ],
+    ids=["not-at-a-dot", "block", "one-of-two-unmatched", "embedding-not-linear"],
+)
+def test_a_list_entry_that_names_nothing_names_the_field_and_the_entry(names, unmatched):
+    with pytest.raises(ValueError, match=re.escape(f"`vqc.target_modules` entry {unmatched!r} names no Linear")) as error:
+        linears_matching(qwen3_linears(), names, "vqc.target_modules")
+    assert "ONE string" not in str(error.value)  # no regex hint for a plain name
+
+
+def test_a_regex_in_a_list_says_to_pass_one_string():
+    """Before peft's convention a list held regexes; such a list now matches nothing and says why."""
+    with pytest.raises(ValueError, match=r"ONE string for a regular expression"):
+        linears_matching(qwen3_linears(), [r"model\.layers\.\d+\.mlp\.down_proj"], "aqlm.target_modules")
 
 
 @pytest.mark.parametrize(

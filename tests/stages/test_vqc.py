@@ -43,7 +43,7 @@ def vision_hidden(model):
 @pytest.fixture(scope="module")
 def vqc_qwen3(qwen3_dir, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(
-        qwen3_dir, quantization_config=RiverOneConfig(vqc={"target_modules": [QWEN_DOWN], **FAST_VQC})
+        qwen3_dir, quantization_config=RiverOneConfig(vqc={"target_modules": QWEN_DOWN, **FAST_VQC})
     )
     out = tmp_path_factory.mktemp("qwen3") / "vqc"
     model.save_pretrained(out)
@@ -82,7 +82,7 @@ def test_dequantize_merges_to_linears_with_the_same_outputs(vqc_qwen3):
 def test_internvl_vision_and_llm_with_aqlm_in_one_config(tmp_path):
     dense = save_dense(tiny_internvl(), tmp_path / "dense")
     config = RiverOneConfig(
-        vqc={"target_modules": [VISION_FC2, LLM_DOWN_0], **FAST_VQC},
+        vqc={"target_modules": f"{VISION_FC2}|{LLM_DOWN_0}", **FAST_VQC},
         aqlm={"num_codebooks": 2, "nbits_per_codebook": 8, "in_group_size": 8, **FAST_AQLM},
     )
     model = AutoModelForImageTextToText.from_pretrained(dense, quantization_config=config)
@@ -102,7 +102,7 @@ def test_internvl_vision_and_llm_with_aqlm_in_one_config(tmp_path):
 
 def test_calibrated_fit_uses_xtx(qwen3_dir):
     calibration = {"text_files": [str(shipped_text_path("calibration"))], "num_samples": 2, "seq_len": 16}
-    config = RiverOneConfig(vqc={"target_modules": [r"model\.layers\.1\.mlp\.down_proj"], "calibration": calibration,
+    config = RiverOneConfig(vqc={"target_modules": ["model.layers.1.mlp.down_proj"], "calibration": calibration,
                                  "baselines": False, **FAST_VQC})
     model = AutoModelForCausalLM.from_pretrained(qwen3_dir, quantization_config=config)
     report = model.config.quantization_config.quantization_map["model.layers.1.mlp.down_proj"]["report"]
@@ -113,7 +113,7 @@ def test_calibrated_fit_uses_xtx(qwen3_dir):
 def test_missing_tokenizer_names_the_stage(stage, tmp_path):
     tiny_qwen3().save_pretrained(tmp_path)  # no tokenizer beside the weights
     calibration = {"text_files": [str(shipped_text_path("calibration"))], "num_samples": 2, "seq_len": 16}
-    fields = {"target_modules": [QWEN_DOWN], "calibration": calibration}
+    fields = {"target_modules": QWEN_DOWN, "calibration": calibration}
     config = RiverOneConfig(**{stage: {**fields, **(FAST_VQC if stage == "vqc" else FAST_AQLM)}})
     with pytest.raises(ValueError, match=f"`{stage}.calibration.tokenizer`"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config)
@@ -144,11 +144,12 @@ def meta_qwen3(**overrides):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"target_modules": [r"model\.layers\.\d+\.mlp\.nothing"]}, "matches no Linear"),
-        ({"target_modules": [QWEN_DOWN], "rank": 65}, "vqc.rank"),
-        ({"target_modules": [r"model\.layers\.0\..*"]}, "already taken"),
+        ({"target_modules": r"model\.layers\.\d+\.mlp\.nothing"}, "matches no Linear"),
+        ({"target_modules": ["mlp.nothing"]}, "names no Linear"),
+        ({"target_modules": QWEN_DOWN, "rank": 65}, "vqc.rank"),
+        ({"target_modules": r"model\.layers\.0\..*"}, "already taken"),
     ],
-    ids=["regex-matches-nothing", "rank-too-large", "all-claimed"],
+    ids=["regex-matches-nothing", "name-matches-nothing", "rank-too-large", "all-claimed"],
 )
 def test_plan_errors_on_the_meta_skeleton(fields, message):
     claimed = {"model.layers.0"}  # e.g. a block an earlier stage owns
@@ -157,7 +158,7 @@ def test_plan_errors_on_the_meta_skeleton(fields, message):
 
 
 def test_plan_skips_claimed_and_refuses_tied():
-    plan = vqc_stage.VqcStage().plan(meta_qwen3(), VqcSpec(target_modules=[QWEN_DOWN]), {"model.layers.0.mlp.down_proj"})
+    plan = vqc_stage.VqcStage().plan(meta_qwen3(), VqcSpec(target_modules=QWEN_DOWN), {"model.layers.0.mlp.down_proj"})
     assert plan.claimed == {"model.layers.1.mlp.down_proj"}
     with pytest.raises(ValueError, match="tied"):
         vqc_stage.VqcStage().plan(meta_qwen3(tie_word_embeddings=True), VqcSpec(target_modules=["lm_head"]), set())

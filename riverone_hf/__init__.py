@@ -11,7 +11,7 @@ from transformers.quantizers import auto as _auto
 from .aq import AqSettings, QuantizedWeight, quantize_weight
 from .config import QUANT_METHOD, RiverOneConfig, Stage, StagePlan, register_stage, registered_stages
 from .modeling.aqlm_linear import AqlmLinear
-from .quantizers.hf_quantizer import RiverOneHfQuantizer
+from .quantizers.hf_quantizer import RiverOneHfQuantizer, add_stages
 from .stages import AqlmSpec, CalibrationSpec, MiniViTSpec, ModuleOverride, VqcSpec
 
 __version__ = "0.1.0"
@@ -46,6 +46,7 @@ __all__ = [
     "Stage",
     "StagePlan",
     "VqcSpec",
+    "add_stages",
     "quantize_weight",
     "register_stage",
     "registered_stages",

@@ -39,6 +39,14 @@ def _missing_packages(stage: Stage) -> list[str]:
     return missing
 
 
+def _require_packages(stage: Stage) -> None:
+    """ImportError with the pip command when a package `stage` needs is not installed."""
+    missing = _missing_packages(stage)
+    if missing:
+        command = "pip install " + " ".join(f"'{r}'" for r in missing)
+        raise ImportError(f"the riverone `{stage.name}` stage needs {missing}, which is not installed: {command}")
+
+
 class RiverOneHfQuantizer(HfQuantizer):
     """The quantizer behind `quant_method: "riverone"`."""
 
@@ -58,10 +66,7 @@ class RiverOneHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args, **kwargs):
         for stage in self._stages_in_use():
-            missing = _missing_packages(stage)
-            if missing:
-                command = "pip install " + " ".join(f"'{r}'" for r in missing)
-                raise ImportError(f"the riverone `{stage.name}` stage needs {missing}, which is not installed: {command}")
+            _require_packages(stage)
         if not self.pre_quantized:
             for stage, spec in self.quantization_config.stage_specs():
                 stage.check(spec)
@@ -116,6 +121,46 @@ class RiverOneHfQuantizer(HfQuantizer):
         """`Trainer` accepts a riverone model without adapters: codebooks, scales and norms are trainable
         parameters and `riverone_hf.training.PVTrainer` updates the codes (a property: transformers reads it as one)."""
         return True
+
+
+def add_stages(model: nn.Module, config: RiverOneConfig) -> dict[str, dict]:
+    """Compress a loaded riverone model further: run the stages configured in `config` on it, in registry order,
+    and record them in the model's own `RiverOneConfig`, so one `save_pretrained` writes all stages.
+
+    This is how a pipeline saves and evaluates after every stage (`recipes/riverone_qc.py`): load the dense
+    model with the first stage's config, then add the next stages one by one (or resume from a saved stage).
+    Modules the model's earlier stages converted stay theirs. Every stage plans (targets, shapes, calibration
+    files) before any of them changes a weight. Returns the new `quantization_map` entries.
+    Raises ValueError for a model not loaded through riverone, or a stage it already went through.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if not isinstance(quantizer, RiverOneHfQuantizer):
+        raise ValueError("`model` was not loaded through riverone: load it with `from_pretrained(..., "
+                         "quantization_config=RiverOneConfig(...))` or from a riverone checkpoint first")
+    own = quantizer.quantization_config
+    done = set(own.map_entries_by_stage()) | {stage.name for stage, _ in own.stage_specs()}
+    stages = config.stage_specs()
+    for stage, spec in stages:
+        if stage.name in done:
+            raise ValueError(f"the model already went through the `{stage.name}` stage; a stage runs once")
+        _require_packages(stage)
+        stage.check(spec)
+    claimed = set(own.quantization_map)
+    plans = []
+    for stage, spec in stages:
+        plan = stage.plan(model, spec, claimed)
+        claimed |= plan.claimed
+        plans.append(plan)
+    added: dict[str, dict] = {}
+    for (stage, spec), plan in zip(stages, plans):
+        entries = stage.apply(model, spec, plan)
+        setattr(own, stage.name, spec)
+        own.quantization_map.update(entries)
+        added.update(entries)
+        logger.info("%s stage added: %d modules", stage.name, len(entries))
+    model.config.quantization_config = own
+    return added
+
 
 
 # ---- loading: files, map, completeness, guard -------------------------------------------------------------

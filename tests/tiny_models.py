@@ -99,3 +99,53 @@ def save_dense(model, path) -> str:
 
 def input_ids(length: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, 97, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+# A chat template short enough for a character-level tokenizer; the assistant turn ends with "<end>".
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role[0] }}:{{ m.content }}<end>{% endfor %}"
+                      "{% if add_generation_prompt %}a:{% endif %}")
+TINY_IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<ctx>"}
+
+
+def save_tiny_chat_internvl(path, seed: int = 0) -> str:
+    """A dense tiny InternVL checkpoint that a chat recipe can run on: the char tokenizer plus InternVL's image
+    tokens, an end-of-turn token and a chat template; a 28 x 28 image processor (PIL backend); one context token
+    per image (`processor_config.json`)."""
+    import json
+    import os
+
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from transformers import AutoTokenizer
+
+    base = char_tokenizer()
+    base.add_special_tokens({"eos_token": "<end>", "pad_token": "<end>",
+                             "additional_special_tokens": list(TINY_IMAGE_TOKENS.values())})
+    base.chat_template = TINY_CHAT_TEMPLATE
+    base.save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, extra_special_tokens=TINY_IMAGE_TOKENS)  # InternVL's named tokens
+    model = tiny_internvl(seed)
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<ctx>")
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=False).save_pretrained(path)
+    with open(os.path.join(path, "processor_config.json"), "w", encoding="utf-8") as handle:
+        json.dump({"processor_class": "InternVLProcessor", "image_seq_length": 1}, handle)
+    return str(path)
+
+
+def save_image_answer_dataset(path, train: int = 8, test: int = 4, seed: int = 0) -> str:
+    """A local `datasets` directory: train/test splits of random 28 x 28 images with one-digit answers."""
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        images = [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(n)]
+        return Dataset.from_dict({"image": images, "answer": [str(i % 10) for i in range(n)]})
+
+    DatasetDict({"train": split(train), "test": split(test)}).save_to_disk(str(path))
+    return str(path)

@@ -43,15 +43,20 @@ def auto_model_class(path: str):
     return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
 
 
+def copy_side_files(src: str, dst: str) -> None:
+    """Copy the tokenizer / processor / generation files of folder `src` that `dst` lacks into `dst`."""
+    for name in SIDE_FILES:
+        if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(dst, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
 def save_with_side_files(model, src: str, out: str, overwrite: bool = False,
                          quantization_seconds: float | None = None) -> None:
     """Save `model` to `out` atomically, with the tokenizer/processor/generation files of `src`, and, given
     `quantization_seconds`, the quantization record (`riverone_quantization.json`) of the saved weights."""
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        for name in SIDE_FILES:
-            if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(tmp, name)):
-                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        copy_side_files(src, tmp)
         if quantization_seconds is not None:
             write_quantization_record(tmp, src, quantization_seconds)
 

@@ -72,6 +72,11 @@ def card_data(folder: str, repo_id: str, *, base_model: str | None = None, licen
                    metric_config=f"seq_len={e['settings']['seq_len']}, windows={e['settings']['num_windows']}",
                    )
         for e in results.get("evaluations", [])
+    ] + [
+        EvalResult(task_type=e["task"], dataset_type="image-text", dataset_name=e["dataset"]["name"],
+                   dataset_revision=e["dataset"]["sha256"], metric_type=e["metric"], metric_value=float(e["value"]),
+                   metric_config=f"examples={e['dataset']['num_examples']}")
+        for e in results.get("task_evaluations", [])
     ]
     fields: dict[str, Any] = {
         "library_name": "transformers",
@@ -113,6 +118,19 @@ def render_card(folder: str, repo_id: str, *, base_model: str | None = None, lic
          "num_predicted_tokens": f"{e['settings']['num_predicted_tokens']:,d}", "definition": e.get("definition", "")}
         for e in results.get("evaluations", [])
     ]
+    task_evaluations = [
+        {"metric": e["metric"], "value": _fmt(e["value"]), "dataset": e["dataset"]["name"],
+         "sha256": e["dataset"]["sha256"], "num_examples": f"{e['dataset']['num_examples']:,d}",
+         "definition": e.get("definition", "")}
+        for e in results.get("task_evaluations", [])
+    ]
+    pipeline = [
+        {"stage": r["stage"], "bytes": f"{r['total_bytes']:,d}", "mib": _fmt(r["total_mib"], 2),
+         "bits": _fmt(r["quantized_bits_per_weight"], 3) if "quantized_bits_per_weight" in r else "",
+         "accuracy": _fmt(r["accuracy"]) if "accuracy" in r else "", "perplexity": _fmt(r["perplexity"], 3),
+         "seconds": _fmt(r["wall_time_s"], 1)}
+        for r in (results.get("pipeline") or {}).get("rows", [])
+    ]
     wall = [(k, _fmt(v, 2)) for k, v in (results.get("wall_times_s") or {}).items()]
     quantized_on = (results.get("quantization") or {}).get("machine")
     return ModelCard.from_template(
@@ -127,6 +145,8 @@ def render_card(folder: str, repo_id: str, *, base_model: str | None = None, lic
         stages=stage_summaries(qconfig),
         sizes=size_ctx,
         evaluations=evaluations,
+        task_evaluations=task_evaluations,
+        pipeline=pipeline,
         command=results.get("command", ""),
         machine=sorted((results.get("machine") or {}).items()),
         wall_times=wall,

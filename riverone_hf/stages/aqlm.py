@@ -24,7 +24,7 @@ from ..modeling.aqlm_linear import AqlmLinear
 from ..validation import require, require_bool, require_regex, spec_from_dict
 from .block_finetune import BlockFinetuneSpec
 from .calibration_data import CalibratedStage, CalibrationSpec
-from .targeting import is_claimed, linears_matching, require_target_modules, tied_module_names
+from .targeting import is_claimed, modules_matching, require_target_modules, tied_module_names
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def plan_modules(model: nn.Module, spec: AqlmSpec, claimed: set[str] = frozenset
         prefix = _decoder_prefix(model) + "."
         in_scope = [name for name in linears if name.startswith(prefix)]
     else:
-        in_scope = linears_matching(linears, spec.target_modules, "aqlm.target_modules")
+        in_scope = modules_matching(linears, spec.target_modules, "aqlm.target_modules")
     _require_patterns_match(model, spec, in_scope)
     tied = tied_module_names(model)
     plan = {}

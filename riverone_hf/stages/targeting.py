@@ -11,23 +11,25 @@ from ..validation import compile_regex, require, require_regex
 REGEX_CHARACTERS = set("\\[](){}*+?|^$")
 
 
-def linears_matching(linears: dict[str, nn.Linear], target_modules: str | list[str], field_name: str) -> list[str]:
-    """Names of `linears` selected by `target_modules`, in the model's order, by peft's convention: one string
+def modules_matching(modules: dict[str, nn.Module], target_modules: str | list[str], field_name: str,
+                     kind: str = "Linear") -> list[str]:
+    """Names of `modules` selected by `target_modules`, in the model's order, by peft's convention: one string
     is a regular expression `re.fullmatch`ed on the full module name; a list names modules exactly or as a
-    dotted suffix (`"down_proj"`, `"mlp.fc2"`). ValueError for a string or a list entry that selects nothing."""
+    dotted suffix (`"down_proj"`, `"mlp.fc2"`). ValueError for a string or a list entry that selects nothing
+    (`kind` names what `modules` holds in that message)."""
     if isinstance(target_modules, str):
-        selected = [name for name in linears if compile_regex(target_modules).fullmatch(name)]
+        selected = [name for name in modules if compile_regex(target_modules).fullmatch(name)]
         if not selected:
-            raise ValueError(f"`{field_name}` regular expression {target_modules!r} matches no Linear (re.fullmatch "
-                             f"on full module names); examples of names: {list(linears)[:5]}")
+            raise ValueError(f"`{field_name}` regular expression {target_modules!r} matches no {kind} (re.fullmatch "
+                             f"on full module names); examples of names: {list(modules)[:5]}")
         return selected
     for entry in target_modules:
-        if not any(_names(name, entry) for name in linears):
+        if not any(_names(name, entry) for name in modules):
             hint = (" A list entry is a module name or a dotted suffix of one (peft's convention); give "
                     f"`{field_name}` as ONE string for a regular expression." if REGEX_CHARACTERS & set(entry) else "")
-            raise ValueError(f"`{field_name}` entry {entry!r} names no Linear (exact name or dotted suffix); "
-                             f"examples of names: {list(linears)[:5]}.{hint}")
-    return [name for name in linears if any(_names(name, entry) for entry in target_modules)]
+            raise ValueError(f"`{field_name}` entry {entry!r} names no {kind} (exact name or dotted suffix); "
+                             f"examples of names: {list(modules)[:5]}.{hint}")
+    return [name for name in modules if any(_names(name, entry) for entry in target_modules)]
 
 
 def _names(name: str, entry: str) -> bool:

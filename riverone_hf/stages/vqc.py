@@ -31,7 +31,7 @@ from ..modeling.vqc_circuit import MAX_VQC_EXACT_NOISE_WIRES, MAX_VQC_WIRES
 from ..modeling.vqc_linear import VQCGeneratedLinear
 from ..validation import require, require_bool, require_choice, require_int, require_number, spec_from_dict
 from .calibration_data import CalibratedStage, CalibrationSpec
-from .targeting import is_claimed, linears_matching, require_target_modules, tied_module_names
+from .targeting import is_claimed, modules_matching, require_target_modules, tied_module_names
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def plan_modules(model: nn.Module, spec: VqcSpec, claimed: set[str] = frozenset(
     """The Linears to swap. ValueError for a regex that matches no Linear, a tied Linear, a rank larger
     than a target's min(in, out), or when everything matched was claimed by an earlier stage."""
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    matched = linears_matching(linears, spec.target_modules, "vqc.target_modules")
+    matched = modules_matching(linears, spec.target_modules, "vqc.target_modules")
     selected = [name for name in matched if not is_claimed(name, claimed)]
     if len(selected) < len(matched):
         logger.info("vqc: %d matched Linears belong to an earlier stage (minivit wins)", len(matched) - len(selected))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from riverone_hf.stages.targeting import is_claimed, linears_matching, tied_module_names
+from riverone_hf.stages.targeting import is_claimed, modules_matching, tied_module_names
 from tests.tiny_models import tiny_qwen3
 
 
@@ -35,7 +35,7 @@ DOWN = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     ids=["down-every-layer", "one-block-mlp", "lm-head", "overlapping-alternatives-once-in-model-order", "attention"],
 )
 def test_one_string_is_a_regex_fullmatched_on_full_names(regex, expected):
-    assert linears_matching(qwen3_linears(), regex, "aqlm.target_modules") == expected
+    assert modules_matching(qwen3_linears(), regex, "aqlm.target_modules") == expected
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_one_string_is_a_regex_fullmatched_on_full_names(regex, expected):
     ids=["bare-name", "dotted-suffix", "exact-name", "several-suffixes", "overlap-once-in-model-order", "lm-head"],
 )
 def test_a_list_names_modules_exactly_or_by_dotted_suffix(names, expected):
-    assert linears_matching(qwen3_linears(), names, "aqlm.target_modules") == expected
+    assert modules_matching(qwen3_linears(), names, "aqlm.target_modules") == expected
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_a_list_names_modules_exactly_or_by_dotted_suffix(names, expected):
 def test_a_regex_that_matches_nothing_names_the_field_and_the_regex(regex):
     message = f"`vqc.target_modules` regular expression {regex!r} matches no Linear"
     with pytest.raises(ValueError, match=re.escape(message)) as error:
-        linears_matching(qwen3_linears(), regex, "vqc.target_modules")
+        modules_matching(qwen3_linears(), regex, "vqc.target_modules")
     assert "fullmatch" in str(error.value) and "model.layers.0.self_attn.q_proj" in str(error.value)  # examples
 
 
@@ -78,14 +78,14 @@ def test_a_regex_that_matches_nothing_names_the_field_and_the_regex(regex):
 )
 def test_a_list_entry_that_names_nothing_names_the_field_and_the_entry(names, unmatched):
     with pytest.raises(ValueError, match=re.escape(f"`vqc.target_modules` entry {unmatched!r} names no Linear")) as error:
-        linears_matching(qwen3_linears(), names, "vqc.target_modules")
+        modules_matching(qwen3_linears(), names, "vqc.target_modules")
     assert "ONE string" not in str(error.value)  # no regex hint for a plain name
 
 
 def test_a_regex_in_a_list_says_to_pass_one_string():
     """Before peft's convention a list held regexes; such a list now matches nothing and says why."""
     with pytest.raises(ValueError, match=r"ONE string for a regular expression"):
-        linears_matching(qwen3_linears(), [r"model\.layers\.\d+\.mlp\.down_proj"], "aqlm.target_modules")
+        modules_matching(qwen3_linears(), [r"model\.layers\.\d+\.mlp\.down_proj"], "aqlm.target_modules")
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,8 @@ def quantized_modules(model):
         ({"beam_size": 0}, "beam_size"),
         ({"code_lr": -1.0}, "code_lr"),
         ({"code_betas": (0.0, 1.0)}, "code_betas"),
+        ({"modules_to_train": []}, "modules_to_train"),
+        ({"modules_to_train": "("}, "modules_to_train"),
     ],
 )
 def test_config_rejects_bad_values(fields, name):
@@ -107,6 +109,17 @@ def test_get_pv_model_marks_trainable_and_counts_codes_apart(pv_dirs, capsys):
     assert summary == trainable_parameter_summary(model)
     assert summary["codes"] == sum(m.codes.numel() for m in quantized_modules(model).values())
     assert summary["codes_bytes"] == summary["codes"]  # int8 codes: one byte each
+
+
+def test_modules_to_train_are_trained_in_full_and_must_exist(pv_dirs):
+    """peft's convention, like its modules_to_save: a name / dotted suffix list, or one regex string."""
+    _, quantized = pv_dirs
+    model = get_pv_model(load(quantized), PVTuningConfig(modules_to_train=["lm_head"]))
+    assert model.lm_head.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
+    model = get_pv_model(load(quantized), PVTuningConfig(modules_to_train=r"model\.embed_tokens"))
+    assert model.model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
+    with pytest.raises(ValueError, match="`modules_to_train` entry 'multi_modal_projector' names no module"):
+        get_pv_model(load(quantized), PVTuningConfig(modules_to_train=["multi_modal_projector"]))
 
 
 def test_reencode_groups_never_worse_and_keeps_layout(pv_dirs):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ...stages.targeting import require_target_modules
+
 
 @dataclass
 class PVTuningConfig:
@@ -37,6 +39,9 @@ class PVTuningConfig:
         "help": "P-step: train every 1-D parameter outside the embeddings / lm_head (norm weights, biases)."})
     train_embeddings: bool = field(default=False, metadata={
         "help": "P-step: also train the input embeddings and the output head (lm_head)."})
+    modules_to_train: list[str] | None = field(default=None, metadata={
+        "help": "P-step: modules trained in full besides the above, e.g. ['multi_modal_projector'] (peft's "
+                "convention: names or dotted suffixes, like peft's modules_to_save; in Python also one regex string)."})
     v_step: bool = field(default=True, metadata={"help": "Run the V-step (False: P-only ablation, codes frozen)."})
     code_seed: int = field(default=0, metadata={
         "help": "Seed of the beam search's visiting order (per V-step: code_seed + step)."})
@@ -55,6 +60,7 @@ class PVTuningConfig:
             raise ValueError(f"`beam_size` must be an integer >= 1, got {self.beam_size}")
         if self.max_chunk_bytes < 1:
             raise ValueError(f"`max_chunk_bytes` must be >= 1, got {self.max_chunk_bytes}")
+        require_target_modules("modules_to_train", self.modules_to_train, allow_none=True)
 
 
 @dataclass

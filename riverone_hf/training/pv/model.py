@@ -7,6 +7,7 @@ import types
 from torch import nn
 
 from ...modeling.aqlm_linear import AqlmLinear
+from ...stages.targeting import modules_matching
 from .config import PVTuningConfig
 from .vstep import PVState
 
@@ -25,7 +26,8 @@ def get_pv_model(model: nn.Module, config: PVTuningConfig | None = None) -> nn.M
 
     Trainable (P-step): the codebooks and scales of every AqlmLinear (and their biases), every other 1-D parameter
     (norm weights, biases) unless `train_norms_and_biases=False`, the embeddings and lm_head only with
-    `train_embeddings=True`. Everything else is frozen. Codes are integers: the V-step changes them.
+    `train_embeddings=True`, and every floating parameter of the modules `modules_to_train` names (e.g. a VLM's
+    projector). Everything else is frozen. Codes are integers: the V-step changes them.
     The model gains `print_trainable_parameters()`.
     """
     config = config or PVTuningConfig()
@@ -54,6 +56,12 @@ def get_pv_model(model: nn.Module, config: PVTuningConfig | None = None) -> nn.M
         else:
             trainable = config.train_norms_and_biases and param.ndim == 1
         param.requires_grad_(trainable)
+    if config.modules_to_train is not None:
+        chosen = modules_matching(dict(model.named_modules()), config.modules_to_train, "modules_to_train", "module")
+        for name in chosen:
+            for param in model.get_submodule(name).parameters():
+                if param.is_floating_point():
+                    param.requires_grad_(True)
     model.pv_state = PVState(model, config)
     model.print_trainable_parameters = types.MethodType(print_trainable_parameters, model)
     return model

@@ -75,6 +75,13 @@ class PipelineArguments:
             raise ValueError("`resume` and `overwrite` exclude each other")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` (org/name)")
+        if self.hub_model_id is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError as err:
+                raise ValueError(f"`pipeline.hub_model_id` {self.hub_model_id!r} is not a Hub repo id: {err}") from None
         from riverone_hf.cli.pipeline import parse_dtype
 
         parse_dtype(self.dtype)  # ValueError naming the allowed values
@@ -94,15 +101,19 @@ class Plan:
     stages: dict = field(default_factory=dict)  # name -> settings, in STAGES order
 
 
+def _require_known(cls, values: dict, where: str) -> None:
+    """ValueError naming `where` and the keys of `values` that are not init fields of dataclass `cls`."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls) if f.init})
+    if unknown:
+        raise ValueError(f"unknown key(s) in `{where}`: {', '.join(unknown)}")
+
+
 def _strict(cls, values, where: str):
     """`cls(**values)` by HfArgumentParser, an unknown key being a ValueError that names `where`."""
     from transformers import HfArgumentParser
 
     values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) in `{where}`: {', '.join(unknown)}")
+    _require_known(cls, values, where)
     return HfArgumentParser(cls).parse_dict(values)[0]
 
 
@@ -126,9 +137,7 @@ def parse(argv: list[str]) -> Plan:
         raise ValueError(f"unknown section(s) {unknown}; allowed: {list(SECTIONS)}")
     parser = HfArgumentParser(PipelineArguments)
     pipeline = dict(values.get("pipeline") or {})
-    stray = sorted(set(pipeline) - {f.name for f in dataclasses.fields(PipelineArguments)})
-    if stray:
-        raise ValueError(f"unknown key(s) in `pipeline`: {', '.join(stray)}")
+    _require_known(PipelineArguments, pipeline, "pipeline")
     parser.set_defaults(**pipeline)
     (args,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     stages = {}
@@ -174,7 +183,7 @@ def completed_row(path: str) -> dict | None:
         return json.load(handle)
 
 
-def measure(model, task, test, text: str, args: PipelineArguments, stage: str, seconds: float) -> dict:
+def measure(model, tokenizer, task, test, text: str, args: PipelineArguments, stage: str, seconds: float) -> dict:
     """One table row: sizes, held-out answer accuracy, text perplexity, the stage's wall time."""
     from riverone_hf.metrics.perplexity import perplexity
     from riverone_hf.metrics.sizes import MIB, size_report
@@ -186,15 +195,9 @@ def measure(model, task, test, text: str, args: PipelineArguments, stage: str, s
         row["quantized_bits_per_weight"] = sizes.quantized_bits_per_weight()
     if task is not None:
         row.update(task.accuracy(model, test))
-    row["perplexity"] = perplexity(model.eval(), task.tokenizer if task else _tokenizer(args), text,
-                                   seq_len=args.ppl_seq_len, max_windows=args.ppl_windows, show_progress=False)
+    row["perplexity"] = perplexity(model.eval(), tokenizer, text, seq_len=args.ppl_seq_len,
+                                   max_windows=args.ppl_windows, show_progress=False)
     return row
-
-
-def _tokenizer(args: PipelineArguments):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(args.model)
 
 
 def format_row(row: dict) -> str:
@@ -261,7 +264,9 @@ def run(plan: Plan) -> dict:
     import riverone_hf  # noqa: F401  (registers quant_method "riverone")
     from riverone_hf import add_stages
     from riverone_hf.cli.demo_assets import shipped_text_path
-    from riverone_hf.cli.pipeline import copy_side_files
+    from transformers import AutoTokenizer
+
+    from riverone_hf.cli.pipeline import auto_model_class, copy_side_files
     from riverone_hf.fileio import atomic_output_dir
 
     import image_qa
@@ -269,8 +274,7 @@ def run(plan: Plan) -> dict:
     args = plan.args
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not (args.resume or args.overwrite):
         raise ValueError(f"`output_dir` {args.output_dir!r} is not empty: pass --resume to continue or --overwrite")
-    model_cls = auto_class(args.model)
-    is_vlm = model_cls.__name__ == "AutoModelForImageTextToText"
+    is_vlm = auto_model_class(args.model).__name__ == "AutoModelForImageTextToText"
     check_plan(plan, is_vlm)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -278,6 +282,7 @@ def run(plan: Plan) -> dict:
     with open(text_file, encoding="utf-8") as handle:
         text = handle.read()
     task = image_qa.ImageQATask(args.model, args.question, args.system) if is_vlm else None
+    tokenizer = task.tokenizer if task else AutoTokenizer.from_pretrained(args.model)
     train = test = None
     if is_vlm:
         train, test = image_qa.load_examples(args.data, args.held_out, args.data_seed)
@@ -288,7 +293,7 @@ def run(plan: Plan) -> dict:
     recorded = settings_record(plan)
 
     def finished(index: int, name: str, measure_model, seconds: float, save) -> dict:
-        row = measure(measure_model, task, test, text, args, name, seconds)
+        row = measure(measure_model, tokenizer, task, test, text, args, name, seconds)
         if index:
             row["settings"] = recorded[name]
         with atomic_output_dir(stage_dir(args, index, name), overwrite=True) as tmp:
@@ -332,7 +337,7 @@ def run(plan: Plan) -> dict:
 
     if model is None:
         model = load(source, args)
-    return finish(plan, model, text_file, rows, test)
+    return finish(plan, model, text_file, rows, recorded, test)
 
 
 def write_row(folder: str, row: dict) -> None:
@@ -340,17 +345,13 @@ def write_row(folder: str, row: dict) -> None:
         json.dump(row, handle, indent=2)
 
 
-def auto_class(path: str):
-    from riverone_hf.cli.pipeline import auto_model_class
-
-    return auto_model_class(path)
-
-
 def load(path: str, args: PipelineArguments, **kwargs):
     """`from_pretrained(path)` with the pipeline's dtype and device map."""
     from riverone_hf.cli.pipeline import parse_dtype
 
-    return auto_class(path).from_pretrained(path, dtype=parse_dtype(args.dtype), device_map=args.device_map, **kwargs)
+    from riverone_hf.cli.pipeline import auto_model_class
+
+    return auto_model_class(path).from_pretrained(path, dtype=parse_dtype(args.dtype), device_map=args.device_map, **kwargs)
 
 
 def settings_record(plan: Plan) -> dict:
@@ -370,7 +371,7 @@ def settings_record(plan: Plan) -> dict:
     return json.loads(json.dumps(record, default=str))
 
 
-def finish(plan: Plan, model, text_file: str, rows: list[dict], test) -> dict:
+def finish(plan: Plan, model, text_file: str, rows: list[dict], recorded: dict, test) -> dict:
     """Write `output_dir/model` atomically: the final model, its results JSON (the library's evaluation of the
     saved weights + the per-stage table + answer accuracy) and its card; then the optional upload."""
     from riverone_hf.cli.pipeline import copy_side_files
@@ -386,7 +387,7 @@ def finish(plan: Plan, model, text_file: str, rows: list[dict], test) -> dict:
         copy_side_files(args.model, tmp)
         results = evaluate_checkpoint(tmp, text_file, seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,
                                       command=" ".join(["python", *sys.argv]), write=False)
-        results["pipeline"] = {"rows": rows, "settings": settings_record(plan)}
+        results["pipeline"] = {"rows": rows, "settings": recorded}
         if test is not None:
             results["task_evaluations"] = [{
                 "metric": "accuracy", "task": "image-text-to-text", "value": rows[-1]["accuracy"],

@@ -107,7 +107,10 @@ def test_whole_recipe_publish_load_back_and_resume(hub, hub_env, tmp_path):
     (lambda c: c["pv"]["training"].update(output_dir="x"), "set by the recipe"),
     (lambda c: c["pipeline"].update(push_to_hub=True), "needs `hub_model_id`"),
     (lambda c: c["vqc"].update(target_modules="("), "vqc.target_modules"),
-], ids=["section", "stage-key", "distill-key", "pv-key", "pv-output-dir", "push-without-id", "bad-regex"])
+    (lambda c: c["pipeline"].update(hub_model_id="org/bad name"), "`pipeline.hub_model_id`"),
+    (lambda c: c["pipeline"].update(dtype="float8"), "dtype"),
+], ids=["section", "stage-key", "distill-key", "pv-key", "pv-output-dir", "push-without-id", "bad-regex",
+        "bad-repo-id", "bad-dtype"])
 def test_config_errors_name_the_field(tmp_path, change, message):
     values = config(tmp_path)
     change(values)

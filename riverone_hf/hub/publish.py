@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 PREFLIGHT_TIMEOUT_S = 5.0
 
-__all__ = ["HubError", "PublishResult", "check_checkpoint", "publish"]
+__all__ = ["HubError", "PublishResult", "check_checkpoint", "check_hub_access", "publish"]
 
 
 class HubError(RuntimeError):
@@ -103,22 +103,32 @@ def _preflight(endpoint: str, token: str) -> None:
         raise HubError(f"the Hub at {endpoint} answered {response.status_code} to {url}")
 
 
+def check_hub_access(token: str | None = None) -> str:
+    """The token (given, else from the usual huggingface_hub places) and one short request to the endpoint:
+    HubError when there is no token, the endpoint is unreachable or it refuses the token. Returns the token.
+    A long job that publishes at its end calls this at its start."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (publishing needs write access)")
+    _preflight(HfApi(token=token).endpoint or constants.ENDPOINT, token)
+    return token
+
+
 def publish(folder: str, repo_id: str, *, private: bool = False, revision: str | None = None,
             base_model: str | None = None, license: str | None = None, token: str | None = None,
             commit_message: str | None = None) -> PublishResult:
     """Check `folder`, render its card, and upload it to `repo_id` in one commit (see the module docstring)."""
-    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
     from .card import render_card
 
     check_checkpoint(folder)
-    token = token or get_token()
-    if not token:
-        raise HubError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (publishing needs write access)")
+    token = check_hub_access(token)
     api = HfApi(token=token)
     endpoint = api.endpoint or constants.ENDPOINT
-    _preflight(endpoint, token)
     try:
         if license is None and base_model:
             try:  # copy the base model's license when its card says it

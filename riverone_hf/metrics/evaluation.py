@@ -118,17 +118,23 @@ def _sizes(model) -> dict:
 
 
 def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_windows: int | None = None,
-                        batch_size: int = 1, command: str | None = None, write: bool = True) -> dict:
+                        batch_size: int = 1, image_text=None, question: str | None = None, system: str | None = None,
+                        command: str | None = None, write: bool = True) -> dict:
     """Measure the checkpoint folder `path` on the text in `text_file`; write ``path/riverone_results.json``.
 
     Args:
         path: a saved checkpoint folder (a riverone checkpoint, or a dense one as a baseline).
         text_file: UTF-8 held-out text (never the calibration text); its sha256 is recorded.
         seq_len, max_windows, batch_size: perplexity settings (see `riverone_hf.metrics.perplexity`).
+        image_text: for a vision-language model, held-out `ImageQAExamples` (`riverone_hf.metrics.image_qa`) on
+            which the shipped metric ``riverone_image_text_agreement`` is measured (candidates: their distinct
+            answers); recorded under ``task_evaluations`` with the data's sha256.
+        question, system: the prompt of `image_text` examples without their own question (see `ImageQATask`).
         command: the command line to record (the CLI passes its own); None records the call.
         write: write the JSON (atomically: temp file + rename) beside the weights.
 
-    Returns the results dict. Raises ValueError for a missing folder or text, or a text shorter than seq_len.
+    Returns the results dict. Raises ValueError for a missing folder or text, a text shorter than seq_len, or
+    image-text data for a model without a vision tower (checked before the model loads).
     """
     import evaluate
     from transformers import AutoTokenizer
@@ -143,7 +149,17 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
     with open(text_file, encoding="utf-8") as handle:
         text = handle.read()
     with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
-        qconfig = json.load(handle).get("quantization_config") or {}
+        config = json.load(handle)
+    qconfig = config.get("quantization_config") or {}
+    if image_text is not None:
+        if "vision_config" not in config:
+            raise ValueError(f"`image_text` data was given but {path!r} is not a vision-language model "
+                             "(no vision_config)")
+        if len(set(image_text.answers)) < 2:
+            raise ValueError(f"image-text data {image_text.name!r} needs >= 2 distinct answers (the agreement's "
+                             f"candidates), has {len(image_text)} examples with {len(set(image_text.answers))}")
+        if not image_text.questions and not question:
+            raise ValueError(f"`question` is needed: the image-text data {image_text.name!r} has no question column")
 
     started = time.perf_counter()
     model = _auto_class(path).from_pretrained(path)
@@ -192,11 +208,42 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
         "command": command or f"riverone_hf.metrics.evaluation.evaluate_checkpoint({path!r}, {text_file!r}, "
                               f"seq_len={seq_len}, max_windows={max_windows}, batch_size={batch_size})",
     }
+    if image_text is not None:
+        results["task_evaluations"] = [_image_text_agreement(path, model, image_text, question, system)]
+        wall_times["image_text_agreement"] = results["task_evaluations"][0]["wall_time_s"]
     if quantization is not None:
         results["quantization"] = {k: quantization[k] for k in ("source", "wall_time_s", "machine", "created")}
     if write:
         _write_json(os.path.join(path, RESULTS_FILE), results)
     return results
+
+
+def _image_text_agreement(path: str, model, examples, question: str | None, system: str | None) -> dict:
+    """The ``riverone_image_text_agreement`` entry of the results for `examples`, prompted as `ImageQATask` does."""
+    import evaluate
+
+    from .evaluate_modules import metric_path
+    from .image_qa import ImageQATask
+
+    task = ImageQATask.from_pretrained(path, question or "", system)
+    scored, candidates = task.agreement_examples(examples)
+    metric = evaluate.load(metric_path("riverone_image_text_agreement"))
+    started = time.perf_counter()
+    measured = metric.compute(references=[e.label for e in scored], model=model, examples=scored,
+                              pad_token_id=task.pad_token_id)
+    return {
+        "metric": "image_text_agreement",
+        "metric_module": "riverone_image_text_agreement (shipped evaluate module, riverone_hf/metrics/evaluate_modules)",
+        "task": "image-text-to-text",
+        "value": measured["agreement"],
+        "definition": "the right answer has the highest mean log-probability per token among the candidates, "
+                      "given the image and the chat prompt (no generation)",
+        "dataset": {"name": examples.name, "sha256": examples.sha256(), "num_examples": len(examples)},
+        "settings": {"question": question if not examples.questions else None, "system": system,
+                     "candidates": candidates},
+        "mean_right_log_prob_per_token": measured["mean_right_log_prob_per_token"],
+        "wall_time_s": time.perf_counter() - started,
+    }
 
 
 def load_results(path: str) -> dict:

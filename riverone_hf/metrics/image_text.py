@@ -30,7 +30,8 @@ class ImageTextExample:
 
     Args:
         prefix_ids: token ids of the prompt, image tokens included (1-D).
-        pixel_values: the processor's pixel values of the image ([channels, height, width]).
+        pixel_values: the processor's pixel values of the image: [channels, height, width], or
+            [tiles, channels, height, width] for an image cut into tiles (the prompt holds the tokens of all).
         candidates: token ids of each candidate answer (each non-empty).
         label: index of the right candidate.
     """
@@ -63,7 +64,8 @@ def candidate_scores(model, example: ImageTextExample, pad_token_id: int = 0) ->
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.as_tensor(row)
         mask[i, : len(row)] = 1
-    pixels = example.pixel_values.unsqueeze(0).expand(len(rows), *example.pixel_values.shape)
+    image = example.pixel_values if example.pixel_values.dim() == 4 else example.pixel_values.unsqueeze(0)
+    pixels = image.repeat(len(rows), 1, 1, 1)  # every row's tiles, in row order
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                    pixel_values=pixels.to(device, dtype)).logits.float()

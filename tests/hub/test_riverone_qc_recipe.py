@@ -81,7 +81,7 @@ def test_whole_recipe_publish_load_back_and_resume(hub, hub_env, tmp_path):
     assert rows[-1]["examples"] == 4 and results["task_evaluations"][0]["value"] == rows[-1]["accuracy"]
     assert results["model"]["stages"] == ["aqlm", "minivit", "vqc"]
     card = (out / "model" / "README.md").read_text()
-    assert "## Stage by stage" in card and "| pv |" in card and "## Task accuracy" in card
+    assert "## Stage by stage" in card and "| pv |" in card and "## Task evaluation" in card and "image_text_agreement" in card
 
     # by repo id, in a fresh process, through the Hub cache: the same outputs as the local final folder
     local = outputs_of(str(out / "model"), str(tmp_path / "local.safetensors"), hub_env)
@@ -130,3 +130,15 @@ def test_plan_errors_before_any_work(tmp_path, qwen3_dir):
     (tmp_path / "out" / "something").write_text("x")
     with pytest.raises(ValueError, match="not empty: pass --resume"):
         riverone_qc.run(riverone_qc.parse(["--config", write(tmp_path, config(tmp_path, model=qwen3_dir))]))
+
+
+def test_refused_token_stops_a_publishing_run_before_any_stage(hub, hub_env, tmp_path, monkeypatch):
+    from riverone_hf.hub import HubError
+
+    save_tiny_chat_internvl(tmp_path / "dense")
+    save_image_answer_dataset(tmp_path / "data")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_valid_token")
+    plan = riverone_qc.parse(["--config", write(tmp_path, config(tmp_path, push_to_hub=True, hub_model_id=REPO_ID))])
+    with pytest.raises(HubError, match="refused the token"):
+        riverone_qc.run(plan)
+    assert not (tmp_path / "out").exists()  # no stage ran, nothing written

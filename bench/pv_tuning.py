@@ -71,6 +71,14 @@ def prepare(root: Path, args) -> tuple[str, str, float | None]:
     return str(dense), str(root / "quantized"), seconds
 
 
+# row name -> (table label, extra pv_tune.py flags); pv-decay's flag value is --delta-decay
+ROWS = {
+    "pv": ("PV (P + V steps)", []),
+    "p-only": ("P-only (V-step off)", ["--v_step", "false"]),
+    "pv-decay": ("PV, delta_decay {} (proxy pulled to the codes after each V-step)", ["--delta_decay"]),
+}
+
+
 def run_row(name: str, dense: str, quantized: str, out: Path, args, extra: list[str]) -> dict:
     cmd = [
         sys.executable, str(REPO / "recipes" / "pv_tune.py"),
@@ -164,22 +172,28 @@ def main() -> None:
     parser.add_argument("--monotonicity-every", type=int, default=5)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--eval-seq-len", type=int, default=512)
-    parser.add_argument("--rows", default="pv,p-only")
+    parser.add_argument("--rows", default="pv,p-only", help=f"comma-separated rows of {sorted(ROWS)}")
+    parser.add_argument("--delta-decay", type=float, default=1.0, help="delta_decay of the pv-decay row")
     parser.add_argument("--layers", type=int, default=8, help="quantize the MLP of decoder layers 0..N-1")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--quantized", default=None, help="start from this riverone checkpoint (aq_model.py --save)")
     parser.add_argument("--quick-engine", action="store_true", help="beam 1, <= 2 rounds (a loaded machine)")
     parser.add_argument("--write", action="store_true", help="replace this section of BENCHMARKS.md")
     args = parser.parse_args()
+    row_names = args.rows.split(",")
+    unknown = sorted(set(row_names) - set(ROWS))
+    if unknown:
+        parser.error(f"--rows: unknown row(s) {unknown}; allowed: {', '.join(ROWS)}")
     if args.quantized and not os.path.isfile(os.path.join(args.quantized, "config.json")):
         parser.error(f"--quantized {args.quantized!r}: no config.json there (a folder saved by bench/aq_model.py --save)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dense, quantized, quant_seconds = prepare(root, args)
         rows = {}
-        for name in args.rows.split(","):
-            extra = ["--v_step", "false"] if name == "p-only" else []
-            label = "PV (P + V steps)" if name == "pv" else "P-only (V-step off)"
+        for name in row_names:
+            label, extra = ROWS[name]
+            if name == "pv-decay":
+                label, extra = label.format(args.delta_decay), extra + [str(args.delta_decay)]
             rows[label] = run_row(name, dense, quantized, root / name, args, extra)
         text = table(rows, quant_seconds, args)
         print(text)

@@ -17,6 +17,7 @@ from riverone_hf import AqlmLinear
 from riverone_hf.aq.layout import code_dtype, unpack_codes
 from riverone_hf.training import PVTrainer, PVTrainingArguments, PVTuningConfig, get_pv_model
 from riverone_hf.training.pv import PVOptimizer, reencode_groups, trainable_parameter_summary
+from riverone_hf.training.pv.vstep import whole_dequantized
 from tests.tiny_models import input_ids, tiny_qwen3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,6 +56,8 @@ def quantized_modules(model):
         ({"beam_size": 0}, "beam_size"),
         ({"code_lr": -1.0}, "code_lr"),
         ({"code_betas": (0.0, 1.0)}, "code_betas"),
+        ({"delta_decay": -0.1}, "delta_decay"),
+        ({"delta_decay": 1.5}, "delta_decay"),
         ({"modules_to_train": []}, "modules_to_train"),
         ({"modules_to_train": "("}, "modules_to_train"),
     ],
@@ -156,6 +159,28 @@ def test_one_pv_step_changes_at_most_tau_of_code_groups(pv_dirs, tmp_path):
         assert int(unpack_codes(module.codes, 8).max()) < 256
     assert total_changed > 0  # the V-step did move codes
     assert total_changed == sum(trainer.pv_optimizer.last_changed.values())
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.25, 1.0])
+def test_delta_decay_pulls_the_proxy_to_the_new_dequantized_weight(pv_dirs, decay):
+    """After the V-step the proxy is (1 - decay) x the straight-through proxy + decay x the dequantized weight."""
+    _, quantized = pv_dirs
+
+    def proxy_after_step(delta_decay):
+        model = get_pv_model(load(quantized), PVTuningConfig(max_code_change_per_step=0.05, beam_size=2,
+                                                             delta_decay=delta_decay))
+        optimizer = PVOptimizer(torch.optim.AdamW([model.model.norm.weight], lr=1e-3), model.pv_state)
+        name = next(iter(model.pv_state.modules))
+        model.pv_state.grads[name] = torch.randn(optimizer.proxies[name]["proxy"].shape,
+                                                 generator=torch.Generator().manual_seed(0))
+        optimizer.v_step()
+        return optimizer.proxies[name]["proxy"], whole_dequantized(model.pv_state.modules[name])
+
+    straight, dequantized = proxy_after_step(0.0)
+    decayed, dequantized_too = proxy_after_step(decay)
+    assert torch.equal(dequantized, dequantized_too)  # the re-encoding happens before the decay: same codes
+    torch.testing.assert_close(decayed, (1 - decay) * straight + decay * dequantized, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(straight, dequantized)  # the straight-through proxy is not on the codes' grid
 
 
 @pytest.mark.parametrize("factor", [0.0, 0.5])

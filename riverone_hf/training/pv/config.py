@@ -30,6 +30,11 @@ class PVTuningConfig:
     max_code_change_per_step: float = field(default=1e-2, metadata={
         "help": "V-step: tau in (0, 1], the fraction of code groups of each weight re-encoded per step (those whose "
                 "proxy moved furthest from the dequantized weight); at most floor(tau * groups) change."})
+    delta_decay: float = field(default=0.0, metadata={
+        "help": "V-step: after re-encoding, each proxy moves this fraction of the way to its current dequantized "
+                "weight, in [0, 1] (the official code's delta_decay). 0: pure straight-through (the proxy keeps every "
+                "step, also those the codes could not follow); 1: the proxy restarts from the dequantized weight "
+                "after each step, so the re-encoding follows one step's update, not all those accumulated."})
     beam_size: int = field(default=5, metadata={"help": "V-step: beam size of the re-encoding beam search (>= 1)."})
     max_chunk_bytes: int = field(default=16 * 2**20, metadata={
         "help": "V-step: memory bound (bytes) of one beam-search chunk; output groups are searched in chunks."})
@@ -56,6 +61,8 @@ class PVTuningConfig:
             raise ValueError(f"`code_eps` must be > 0, got {self.code_eps}")
         if not 0.0 < self.max_code_change_per_step <= 1.0:
             raise ValueError(f"`max_code_change_per_step` (tau) must be in (0, 1], got {self.max_code_change_per_step}")
+        if not 0.0 <= self.delta_decay <= 1.0:
+            raise ValueError(f"`delta_decay` must be in [0, 1], got {self.delta_decay}")
         if int(self.beam_size) != self.beam_size or self.beam_size < 1:
             raise ValueError(f"`beam_size` must be an integer >= 1, got {self.beam_size}")
         if self.max_chunk_bytes < 1:

@@ -188,7 +188,8 @@ class PVOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def v_step(self) -> dict[str, int]:
-        """Adam-like step of every proxy on its accumulated gradient, then re-encode the top-tau code groups."""
+        """Adam-like step of every proxy on its accumulated gradient, then re-encode the top-tau code groups (and,
+        with `delta_decay`, pull each proxy towards its new dequantized weight)."""
         cfg = self.config
         self.v_step_count += 1
         t = self.v_step_count
@@ -225,6 +226,8 @@ class PVOptimizer(torch.optim.Optimizer):
             )
             if world > 1 and not _is_sharded(module.codes):  # one result for every rank: rank 0's codes
                 dist.broadcast(module.codes.data, src=0)
+            if cfg.delta_decay:
+                state["proxy"].lerp_(whole_dequantized(module), cfg.delta_decay)
         self.pv_state.clear_grads()
         self.last_changed = changed
         return changed

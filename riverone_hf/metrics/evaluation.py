@@ -26,13 +26,14 @@ QUANTIZATION_FILE = "riverone_quantization.json"  # written by `riverone quantiz
 RESULTS_FORMAT = "riverone_results"
 RESULTS_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors",)
+MAX_AGREEMENT_CANDIDATES = 64  # image-text agreement scores every example against every distinct answer
 PERPLEXITY_DEFINITION = (
     "exp(mean NLL in nats) over non-overlapping windows of exactly seq_len tokens cut from the text's token "
     "stream (tokenised once, no special tokens; the tail shorter than seq_len dropped), seq_len - 1 "
     "predictions per window, no context across windows, float32 log-probabilities"
 )
 
-__all__ = ["QUANTIZATION_FILE", "RESULTS_FILE", "evaluate_checkpoint", "file_sha256", "load_results",
+__all__ = ["MAX_AGREEMENT_CANDIDATES", "QUANTIZATION_FILE", "RESULTS_FILE", "evaluate_checkpoint", "file_sha256", "load_results",
            "weight_hashes", "write_quantization_record"]
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,10 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
         if len(set(image_text.answers)) < 2:
             raise ValueError(f"image-text data {image_text.name!r} needs >= 2 distinct answers (the agreement's "
                              f"candidates), has {len(image_text)} examples with {len(set(image_text.answers))}")
+        if len(set(image_text.answers)) > MAX_AGREEMENT_CANDIDATES:
+            raise ValueError(f"image-text data {image_text.name!r} has {len(set(image_text.answers))} distinct answers; "
+                             f"the agreement is a closed-set metric (each example against every distinct answer) "
+                             f"for at most {MAX_AGREEMENT_CANDIDATES}: use data with a small answer set")
         if not image_text.questions and not question:
             raise ValueError(f"`question` is needed: the image-text data {image_text.name!r} has no question column")
 

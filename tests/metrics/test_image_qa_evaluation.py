@@ -16,7 +16,7 @@ import riverone_hf  # noqa: F401
 from riverone_hf.cli import main
 from riverone_hf.hub import render_card
 from riverone_hf.metrics.evaluation import RESULTS_FILE, evaluate_checkpoint
-from riverone_hf.metrics.image_qa import ImageQATask, load_image_qa_examples
+from riverone_hf.metrics.image_qa import ImageQAExamples, ImageQATask, load_image_qa_examples
 from riverone_hf.metrics.image_text import ImageTextExample, candidate_scores
 from tests.tiny_models import save_image_answer_dataset, save_tiny_chat_internvl
 
@@ -105,6 +105,9 @@ def test_bad_image_text_inputs_fail_before_the_model_loads(vlm_and_data, qwen3_d
         evaluate_checkpoint(vlm, str(text), image_text=examples, write=False)
     with pytest.raises(ValueError, match="needs >= 2 distinct answers"):
         evaluate_checkpoint(vlm, str(text), image_text=examples.head(1), question=QUESTION, write=False)
+    open_ended = ImageQAExamples(examples.images[:1] * 65, [f"answer {i}" for i in range(65)], "open")
+    with pytest.raises(ValueError, match="65 distinct answers; the agreement is a closed-set metric"):
+        evaluate_checkpoint(vlm, str(text), image_text=open_ended, question=QUESTION, write=False)
     with pytest.raises(ValueError, match="not a vision-language model"):
         evaluate_checkpoint(qwen3_dir, str(text), image_text=examples, question=QUESTION, write=False)
     with pytest.raises(ValueError, match="with a 'validation' split, has \\['test', 'train'\\]"):

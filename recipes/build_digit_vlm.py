@@ -200,7 +200,8 @@ def main(args: BuildArguments) -> dict:
     results = {
         "held_out_answer_accuracy": accuracy,
         "held_out_digits": len(test), "train_digits": len(train),
-        "accuracy_definition": "greedy answer after the chat prompt, stripped, equals the digit (riverone_hf.metrics.image_qa)",
+        "accuracy_definition": "greedy answer after the chat prompt, stripped, equals the digit "
+                               "(riverone_hf.metrics.image_qa)",
         "phase1_train_accuracy": vision_accuracy,
         "phase2_answer_loss_first_last": [losses[0], losses[-1]] if losses else None,
         "text_perplexity": {"vlm_language_model": ppl_vlm, "standalone_smollm2": ppl_lm,

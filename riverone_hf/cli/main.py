@@ -41,12 +41,13 @@ def _evaluate(args) -> None:
     from ..metrics.evaluation import RESULTS_FILE, evaluate_checkpoint
     from ..metrics.image_qa import load_image_qa_examples
 
-    optional = {"--max-windows": args.max_windows, "--image-text": args.image_text, "--max-examples": args.max_examples,
-                "--question": args.question, "--system": args.system}
+    optional = {"--max-windows": args.max_windows, "--image-text": args.image_text,
+                "--max-examples": args.max_examples, "--question": args.question, "--system": args.system}
     command = shlex.join(["riverone", "evaluate", args.path, "--text", args.text, "--seq-len", str(args.seq_len),
                           "--batch-size", str(args.batch_size)]
                          + (["--split", args.split] if args.image_text else [])
-                         + [item for flag, value in optional.items() if value is not None for item in (flag, str(value))])
+                         + [item for flag, value in optional.items() if value is not None
+                            for item in (flag, str(value))])
     image_text = None
     if args.image_text:
         image_text = load_image_qa_examples(args.image_text, args.split).head(args.max_examples)
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="vision-language models: a `datasets` folder (image, answer[, question]) for the "
                                "image-text agreement metric")
     evaluate.add_argument("--split", default="test", help="split of --image-text (default test)")
-    evaluate.add_argument("--max-examples", type=int, default=None, help="measure only the first N image-text examples")
+    evaluate.add_argument("--max-examples", type=int, default=None,
+                          help="measure only the first N image-text examples")
     evaluate.add_argument("--question", default=None, help="the prompt's question when the data has no question column")
     evaluate.add_argument("--system", default=None, help="optional system turn of the prompt")
     evaluate.set_defaults(func=_evaluate)

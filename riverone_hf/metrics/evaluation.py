@@ -33,8 +33,8 @@ PERPLEXITY_DEFINITION = (
     "predictions per window, no context across windows, float32 log-probabilities"
 )
 
-__all__ = ["MAX_AGREEMENT_CANDIDATES", "QUANTIZATION_FILE", "RESULTS_FILE", "evaluate_checkpoint", "file_sha256", "load_results",
-           "weight_hashes", "write_quantization_record"]
+__all__ = ["MAX_AGREEMENT_CANDIDATES", "QUANTIZATION_FILE", "RESULTS_FILE", "evaluate_checkpoint", "file_sha256",
+           "load_results", "weight_hashes", "write_quantization_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
         write: write the JSON (atomically: temp file + rename) beside the weights.
 
     Returns the results dict. Raises ValueError for a missing folder or text, a text shorter than seq_len, or
-    image-text data for a model without a vision tower (checked before the model loads).
+    image-text data that cannot be measured: a model without a vision tower, fewer than 2 or more than
+    MAX_AGREEMENT_CANDIDATES distinct answers, no question (all checked before the model loads).
     """
     import evaluate
     from transformers import AutoTokenizer
@@ -160,9 +161,9 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
             raise ValueError(f"image-text data {image_text.name!r} needs >= 2 distinct answers (the agreement's "
                              f"candidates), has {len(image_text)} examples with {len(set(image_text.answers))}")
         if len(set(image_text.answers)) > MAX_AGREEMENT_CANDIDATES:
-            raise ValueError(f"image-text data {image_text.name!r} has {len(set(image_text.answers))} distinct answers; "
-                             f"the agreement is a closed-set metric (each example against every distinct answer) "
-                             f"for at most {MAX_AGREEMENT_CANDIDATES}: use data with a small answer set")
+            raise ValueError(f"image-text data {image_text.name!r} has {len(set(image_text.answers))} distinct "
+                             "answers; the agreement is a closed-set metric (each example against every distinct "
+                             f"answer) for at most {MAX_AGREEMENT_CANDIDATES}: use data with a small answer set")
         if not image_text.questions and not question:
             raise ValueError(f"`question` is needed: the image-text data {image_text.name!r} has no question column")
 
@@ -238,7 +239,8 @@ def _image_text_agreement(path: str, model, examples, question: str | None, syst
                               pad_token_id=task.pad_token_id)
     return {
         "metric": "image_text_agreement",
-        "metric_module": "riverone_image_text_agreement (shipped evaluate module, riverone_hf/metrics/evaluate_modules)",
+        "metric_module": "riverone_image_text_agreement (shipped evaluate module, "
+                         "riverone_hf/metrics/evaluate_modules)",
         "task": "image-text-to-text",
         "value": measured["agreement"],
         "definition": "the right answer has the highest mean log-probability per token among the candidates, "

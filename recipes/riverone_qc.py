@@ -382,7 +382,7 @@ def finish(plan: Plan, model, text_file: str, rows: list[dict], recorded: dict, 
     from riverone_hf.cli.pipeline import copy_side_files
     from riverone_hf.fileio import atomic_output_dir
     from riverone_hf.hub import publish, render_card
-    from riverone_hf.metrics.evaluation import MAX_AGREEMENT_CANDIDATES, RESULTS_FILE, evaluate_checkpoint
+    from riverone_hf.metrics.evaluation import RESULTS_FILE, agreement_data_problem, evaluate_checkpoint
 
     args = plan.args
     final = os.path.join(args.output_dir, "model")
@@ -390,12 +390,11 @@ def finish(plan: Plan, model, text_file: str, rows: list[dict], recorded: dict, 
     with atomic_output_dir(final, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         copy_side_files(args.model, tmp)
-        closed_set = test is not None and 2 <= len(set(test.answers)) <= MAX_AGREEMENT_CANDIDATES
-        if test is not None and not closed_set:
-            logger.info("image-text agreement not measured: %d distinct answers (a closed-set metric, 2..%d)",
-                        len(set(test.answers)), MAX_AGREEMENT_CANDIDATES)
+        problem = agreement_data_problem(test) if test is not None else None
+        if problem:
+            logger.info("image-text agreement not measured: %s", problem)
         results = evaluate_checkpoint(tmp, text_file, seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,
-                                      image_text=test if closed_set else None, question=args.question,
+                                      image_text=None if problem else test, question=args.question,
                                       system=args.system,
                                       command=" ".join(["python", *sys.argv]), write=False)
         results["pipeline"] = {"rows": rows, "settings": recorded}

@@ -33,8 +33,8 @@ PERPLEXITY_DEFINITION = (
     "predictions per window, no context across windows, float32 log-probabilities"
 )
 
-__all__ = ["MAX_AGREEMENT_CANDIDATES", "QUANTIZATION_FILE", "RESULTS_FILE", "evaluate_checkpoint", "file_sha256",
-           "load_results", "weight_hashes", "write_quantization_record"]
+__all__ = ["MAX_AGREEMENT_CANDIDATES", "QUANTIZATION_FILE", "RESULTS_FILE", "agreement_data_problem",
+           "evaluate_checkpoint", "file_sha256", "load_results", "weight_hashes", "write_quantization_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,13 +157,9 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
         if "vision_config" not in config:
             raise ValueError(f"`image_text` data was given but {path!r} is not a vision-language model "
                              "(no vision_config)")
-        if len(set(image_text.answers)) < 2:
-            raise ValueError(f"image-text data {image_text.name!r} needs >= 2 distinct answers (the agreement's "
-                             f"candidates), has {len(image_text)} examples with {len(set(image_text.answers))}")
-        if len(set(image_text.answers)) > MAX_AGREEMENT_CANDIDATES:
-            raise ValueError(f"image-text data {image_text.name!r} has {len(set(image_text.answers))} distinct "
-                             "answers; the agreement is a closed-set metric (each example against every distinct "
-                             f"answer) for at most {MAX_AGREEMENT_CANDIDATES}: use data with a small answer set")
+        problem = agreement_data_problem(image_text)
+        if problem:
+            raise ValueError(problem)
         if not image_text.questions and not question:
             raise ValueError(f"`question` is needed: the image-text data {image_text.name!r} has no question column")
 
@@ -222,6 +218,20 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
     if write:
         _write_json(os.path.join(path, RESULTS_FILE), results)
     return results
+
+
+def agreement_data_problem(examples) -> str | None:
+    """Why image-text agreement cannot be measured on `examples` (`ImageQAExamples`), or None when it can: it is a
+    closed-set metric, each example scored against every distinct answer, for 2..MAX_AGREEMENT_CANDIDATES."""
+    distinct = len(set(examples.answers))
+    if distinct < 2:
+        return (f"image-text data {examples.name!r} needs >= 2 distinct answers (the agreement's candidates), has "
+                f"{len(examples)} examples with {distinct}")
+    if distinct > MAX_AGREEMENT_CANDIDATES:
+        return (f"image-text data {examples.name!r} has {distinct} distinct answers; the agreement is a closed-set "
+                f"metric (each example against every distinct answer) for at most {MAX_AGREEMENT_CANDIDATES}: use "
+                "data with a small answer set")
+    return None
 
 
 def _image_text_agreement(path: str, model, examples, question: str | None, system: str | None) -> dict:

@@ -184,6 +184,13 @@ def main() -> None:
     unknown = sorted(set(row_names) - set(ROWS))
     if unknown:
         parser.error(f"--rows: unknown row(s) {unknown}; allowed: {', '.join(ROWS)}")
+    from riverone_hf.training import PVTuningConfig
+
+    try:  # the V-step flags, checked by the config itself before the quantization and the rows start
+        PVTuningConfig(code_lr=args.code_lr, max_code_change_per_step=args.tau, beam_size=args.beam,
+                       delta_decay=args.delta_decay)
+    except ValueError as error:
+        parser.error(str(error))
     if args.quantized and not os.path.isfile(os.path.join(args.quantized, "config.json")):
         parser.error(f"--quantized {args.quantized!r}: no config.json there (a folder saved by bench/aq_model.py --save)")
     with tempfile.TemporaryDirectory() as tmp:

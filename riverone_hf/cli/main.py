@@ -48,6 +48,8 @@ def _evaluate(args) -> None:
                          + (["--split", args.split] if args.image_text else [])
                          + [item for flag, value in optional.items() if value is not None
                             for item in (flag, str(value))])
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ValueError(f"`--max-examples` must be >= 1, got {args.max_examples}")
     image_text = None
     if args.image_text:
         image_text = load_image_qa_examples(args.image_text, args.split).head(args.max_examples)

@@ -113,3 +113,12 @@ def test_bad_image_text_inputs_fail_before_the_model_loads(vlm_and_data, qwen3_d
     with pytest.raises(ValueError, match="with a 'validation' split, has \\['test', 'train'\\]"):
         load_image_qa_examples(data, "validation")
     assert not loaded
+
+
+def test_cli_rejects_a_bad_example_count(vlm_and_data, tmp_path, capsys):
+    vlm, data = vlm_and_data
+    text = tmp_path / "held_out.txt"
+    text.write_text("x" * 200)
+    assert main(["evaluate", vlm, "--text", str(text), "--image-text", data, "--question", QUESTION,
+                 "--max-examples", "-1"]) == 2
+    assert "`--max-examples` must be >= 1, got -1" in capsys.readouterr().err

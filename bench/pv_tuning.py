@@ -76,6 +76,7 @@ ROWS = {
     "pv": ("PV (P + V steps)", []),
     "p-only": ("P-only (V-step off)", ["--v_step", "false"]),
     "pv-decay": ("PV, delta_decay {} (proxy pulled to the codes after each V-step)", ["--delta_decay"]),
+    "pv-follow": ("PV, proxy follows the P-step", ["--proxy_follows_p_step", "true"]),
 }
 
 

@@ -35,6 +35,11 @@ class PVTuningConfig:
                 "weight, in [0, 1] (the official code's delta_decay). 0: pure straight-through (the proxy keeps every "
                 "step, also those the codes could not follow); 1: the proxy restarts from the dequantized weight "
                 "after each step, so the re-encoding follows one step's update, not all those accumulated."})
+    proxy_follows_p_step: bool = field(default=False, metadata={
+        "help": "V-step: before each proxy step, add to the proxy the change the P-step just made to the dequantized "
+                "weight (new codebooks/scales, same codes), so the proxy is the current weight plus the accumulated "
+                "straight-through updates. False (the official code): the proxy keeps the weight it started from, and "
+                "the re-encoding pulls codes back towards the codebooks and scales of before the P-steps."})
     beam_size: int = field(default=5, metadata={"help": "V-step: beam size of the re-encoding beam search (>= 1)."})
     max_chunk_bytes: int = field(default=16 * 2**20, metadata={
         "help": "V-step: memory bound (bytes) of one beam-search chunk; output groups are searched in chunks."})

@@ -170,11 +170,12 @@ class PVOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.monitor is not None:
             self.monitor("before")
+        before_p_step = self._continuous_snapshot() if self.config.v_step and self.config.proxy_follows_p_step else None
         self.p_optimizer.step()
         if self.monitor is not None:
             self.monitor("after_p")
         if self.config.v_step:
-            self.v_step()
+            self.v_step(before_p_step)
         if self.monitor is not None:
             self.monitor("after_v")
         return loss
@@ -187,9 +188,16 @@ class PVOptimizer(torch.optim.Optimizer):
         return float(group["lr"] / initial) if initial else 1.0
 
     @torch.no_grad()
-    def v_step(self) -> dict[str, int]:
+    def _continuous_snapshot(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each quantized module's whole codebooks and scales (small), to rebuild its weight of before the P-step."""
+        return {name: (whole_tensor(m.codebooks).clone(), whole_tensor(m.scales).clone())
+                for name, m in self.pv_state.modules.items()}
+
+    @torch.no_grad()
+    def v_step(self, before_p_step: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, int]:
         """Adam-like step of every proxy on its accumulated gradient, then re-encode the top-tau code groups (and,
-        with `delta_decay`, pull each proxy towards its new dequantized weight)."""
+        with `delta_decay`, pull each proxy towards its new dequantized weight). `before_p_step` (codebooks and
+        scales per module, `proxy_follows_p_step`): each proxy first moves by the P-step's change of its weight."""
         cfg = self.config
         self.v_step_count += 1
         t = self.v_step_count
@@ -207,6 +215,10 @@ class PVOptimizer(torch.optim.Optimizer):
                 dist.all_reduce(grad)
                 grad.div_(world)
             state = self.proxies[name]
+            current = whole_dequantized(module)
+            if before_p_step is not None:
+                codebooks, scales = before_p_step[name]
+                state["proxy"].add_(current).sub_(dequantize(whole_tensor(module.codes), codebooks, scales).float())
             state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             m_hat = state["exp_avg"] / (1 - beta1**t)
@@ -216,7 +228,6 @@ class PVOptimizer(torch.optim.Optimizer):
             if cfg.code_trust_ratio:
                 lr = lr * float(state["proxy"].norm() / direction.norm().clamp_min(1e-30))
             state["proxy"].add_(direction, alpha=-lr)
-            current = whole_dequantized(module)
             distance = group_distances(state["proxy"] - current, module)
             k = math.floor(cfg.max_code_change_per_step * distance.numel())
             groups = distance.topk(k).indices.sort().values if k else distance.new_zeros(0, dtype=torch.long)

@@ -183,6 +183,29 @@ def test_delta_decay_pulls_the_proxy_to_the_new_dequantized_weight(pv_dirs, deca
     assert not torch.equal(straight, dequantized)  # the straight-through proxy is not on the codes' grid
 
 
+@pytest.mark.parametrize("follows", [False, True])
+def test_proxy_follows_the_p_steps_change_of_the_weight_only_when_asked(pv_dirs, follows):
+    """With the proxy's own step at 0 (lr schedule 0), a P-step change of the codebooks moves the proxy by exactly
+    the change of the dequantized weight with `proxy_follows_p_step`, and leaves it where it was without."""
+    _, quantized = pv_dirs
+    model = get_pv_model(load(quantized), PVTuningConfig(max_code_change_per_step=0.05, beam_size=2,
+                                                         proxy_follows_p_step=follows))
+    optimizer = PVOptimizer(torch.optim.AdamW([model.model.norm.weight], lr=1e-3), model.pv_state)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0)
+    name, module = next(iter(model.pv_state.modules.items()))
+    model.pv_state.grads[name] = torch.randn(optimizer.proxies[name]["proxy"].shape,
+                                             generator=torch.Generator().manual_seed(0))
+    start = optimizer.proxies[name]["proxy"].clone()
+    snapshot = optimizer._continuous_snapshot()
+    with torch.no_grad():
+        module.codebooks.mul_(1.1)  # what a P-step does: new codebooks, same codes
+    moved = whole_dequantized(module) - start
+    optimizer.v_step(snapshot if follows else None)
+    expected = start + moved if follows else start
+    torch.testing.assert_close(optimizer.proxies[name]["proxy"], expected, rtol=1e-6, atol=1e-7)
+    assert moved.abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("factor", [0.0, 0.5])
 def test_v_step_lr_follows_the_p_step_schedule(pv_dirs, factor):
     """A scheduler at `factor` x the initial lr scales the proxy's step by `factor` (0: the proxy stays put)."""

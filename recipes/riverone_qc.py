@@ -266,7 +266,8 @@ def run(plan: Plan) -> dict:
     from riverone_hf.cli.demo_assets import shipped_text_path
     from transformers import AutoTokenizer
 
-    from riverone_hf.cli.pipeline import auto_model_class, copy_side_files
+    from riverone_hf.cli.pipeline import copy_side_files
+    from riverone_hf.modeling.auto import auto_model_class
     from riverone_hf.fileio import atomic_output_dir
 
     import image_qa
@@ -354,7 +355,7 @@ def load(path: str, args: PipelineArguments, **kwargs):
     """`from_pretrained(path)` with the pipeline's dtype and device map."""
     from riverone_hf.cli.pipeline import parse_dtype
 
-    from riverone_hf.cli.pipeline import auto_model_class
+    from riverone_hf.modeling.auto import auto_model_class
 
     return auto_model_class(path).from_pretrained(path, dtype=parse_dtype(args.dtype), device_map=args.device_map, **kwargs)
 

@@ -8,11 +8,11 @@ import shutil
 import time
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from ..config import RiverOneConfig, get_stage
 from ..fileio import atomic_output_dir, check_output_dir
 from ..metrics.evaluation import write_quantization_record
+from ..modeling.auto import auto_model_class
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +30,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
-
-
-def auto_model_class(path: str):
-    """AutoModelForImageTextToText for vision-language configs, AutoModelForCausalLM otherwise. ValueError when
-    `path` is neither a checkpoint folder nor a reachable Hub repo id."""
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise ValueError(f"source {path!r} is neither a checkpoint folder (with config.json) nor a Hub repo id "
-                         f"that can be reached: {err}") from err
-    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
 
 
 def copy_side_files(src: str, dst: str) -> None:

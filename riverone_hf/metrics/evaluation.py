@@ -99,13 +99,6 @@ def _quantization_record(path: str, hashes: dict[str, str]) -> dict | None:
     return record
 
 
-def _auto_class(path: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    config = AutoConfig.from_pretrained(path)
-    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-
-
 def _sizes(model) -> dict:
     from .sizes import MIB, size_report
 
@@ -142,6 +135,7 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
     from transformers import AutoTokenizer
 
     from .. import QUANT_METHOD  # noqa: F401  (importing the package registers quant_method "riverone")
+    from ..modeling.auto import auto_model_class
     from .evaluate_modules import metric_path
 
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -164,7 +158,7 @@ def evaluate_checkpoint(path: str, text_file: str, *, seq_len: int = 512, max_wi
             raise ValueError(f"`question` is needed: the image-text data {image_text.name!r} has no question column")
 
     started = time.perf_counter()
-    model = _auto_class(path).from_pretrained(path)
+    model = auto_model_class(path).from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     load_s = time.perf_counter() - started
 

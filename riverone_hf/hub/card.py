@@ -19,9 +19,11 @@ from ..metrics.sizes import MIB
 
 TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "riverone_model_card.md")
 SCHEME_SKIP = {"stage", "report"}
+STAGE_SPECS = ("aqlm", "minivit", "vqc")  # the quantization_config keys that hold a stage's settings
+SETTINGS_SKIP = {"overrides", "calibration"}  # overrides show as their own schemes; calibration has its own text
 PIPELINE_TAGS = {"vision": "image-text-to-text", "text": "text-generation"}
 
-__all__ = ["TEMPLATE_PATH", "card_data", "render_card", "stage_summaries", "aqlm_export_applies"]
+__all__ = ["TEMPLATE_PATH", "card_data", "render_card", "stage_settings", "stage_summaries", "aqlm_export_applies"]
 
 
 def _read_config(folder: str) -> dict:
@@ -34,16 +36,61 @@ def _scheme_text(entry: dict) -> str:
 
 
 def stage_summaries(qconfig: dict) -> list[dict[str, str]]:
-    """One line per stage: how many modules, with which settings (read from the saved quantization_map)."""
+    """One entry per stage: how many modules with which scheme (from the saved quantization_map) and the settings
+    the stage ran with (from its spec in the quantization_config)."""
     grouped: dict[str, dict[str, list[str]]] = {}
+    settings = stage_settings(qconfig)
     for module, entry in (qconfig.get("quantization_map") or {}).items():
         grouped.setdefault(entry["stage"], {}).setdefault(_scheme_text(entry), []).append(module)
     summaries = []
     for stage, schemes in grouped.items():
         parts = [f"{len(mods)} module(s) with {scheme or 'the stage defaults'} (e.g. `{mods[0]}`)"
                  for scheme, mods in schemes.items()]
-        summaries.append({"name": stage, "summary": "; ".join(parts)})
+        summaries.append({"name": stage, "summary": "; ".join(parts), "settings": settings.get(stage, "")})
     return summaries
+
+
+def _setting_value(value: Any) -> str:
+    """A setting as the card shows it: local paths reduced to their file names (the card is public)."""
+    if isinstance(value, str):
+        return os.path.basename(value) if os.sep in value else value
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_setting_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _settings_text(spec: dict, quote: bool = True) -> str:
+    """`key=value` for every setting that is set; a nested spec (block_finetune) in parentheses, or `off`."""
+    parts = []
+    for key, value in sorted(spec.items()):
+        if value is None or value == [] or key in SETTINGS_SKIP:
+            continue
+        if isinstance(value, dict):
+            value = "(" + _settings_text(value, quote=False) + ")" if value.get("enabled", True) else "off"
+        else:
+            value = _setting_value(value)
+        parts.append(f"`{key}={value}`" if quote else f"{key}={value}")
+    return ", ".join(parts)
+
+
+def _aqlm_data_text(spec: dict) -> str:
+    calibration = spec.get("calibration")
+    if not calibration:
+        return "data-free (no calibration data)"
+    source = calibration.get("text_files") or [calibration.get("dataset_path")]
+    return (f"calibrated on {calibration['num_samples']} windows x {calibration['seq_len']} tokens of "
+            f"{', '.join(_setting_value(s) for s in source)}")
+
+
+def stage_settings(qconfig: dict) -> dict[str, str]:
+    """Per stage, the settings it was run with (its spec in the saved quantization_config), as one line."""
+    settings = {}
+    for stage in STAGE_SPECS:
+        spec = qconfig.get(stage)
+        if spec:
+            text = _settings_text(spec)
+            settings[stage] = f"{_aqlm_data_text(spec)}; {text}" if stage == "aqlm" else text
+    return settings
 
 
 def aqlm_export_applies(qconfig: dict) -> bool:
@@ -133,7 +180,7 @@ def render_card(folder: str, repo_id: str, *, base_model: str | None = None, lic
     ]
     wall = [(k, _fmt(v, 2)) for k, v in (results.get("wall_times_s") or {}).items()]
     quantized_on = (results.get("quantization") or {}).get("machine")
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         data,
         template_path=template_path or TEMPLATE_PATH,
         repo_id=repo_id,
@@ -152,3 +199,17 @@ def render_card(folder: str, repo_id: str, *, base_model: str | None = None, lic
         wall_times=wall,
         quantization_machine=sorted(quantized_on.items()) if quantized_on else None,
     )
+    card.content = _single_blank_lines(card.content)
+    return card
+
+
+def _single_blank_lines(markdown: str) -> str:
+    """Collapse the runs of blank lines that empty Jinja blocks leave, outside fenced code blocks."""
+    lines, in_fence = [], False
+    for line in markdown.split("\n"):
+        if line.startswith("```"):
+            in_fence = not in_fence
+        if not in_fence and not line.strip() and lines and not lines[-1].strip():
+            continue
+        lines.append(line)
+    return "\n".join(lines)

@@ -97,6 +97,8 @@ def test_publish_round_trip_card_and_idempotence(hub, hub_env, checkpoint, tmp_p
     assert f"{results['sizes']['total_bytes']:,d}" in text and "bits/weight" in text
     assert f"{measured['value']:.4f}" in text and measured["dataset"]["sha256"] in text and results["command"] in text
     assert "wall time, perplexity" in text
+    assert "settings: data-free (no calibration data);" in text and "`block_finetune=off`" in text
+    assert "\n\n\n" not in text  # empty template blocks leave no runs of blank lines
 
 
 def test_load_by_repo_id_every_stage_kind_revisions_then_offline(hub, hub_env, checkpoint):
@@ -205,6 +207,19 @@ def test_card_of_a_mixed_vlm_checkpoint(checkpoint):
     text = str(card)
     assert "AutoModelForImageTextToText.from_pretrained" in text and "--format aqlm" not in text  # not AQLM-only
     assert "**minivit**" in text and "**vqc**" in text and "**aqlm**" in text
+
+
+def test_stage_settings_show_calibration_and_block_finetune_without_local_paths():
+    from riverone_hf.hub.card import stage_settings
+
+    aqlm = {"calibration": {"num_samples": 16, "seq_len": 512, "text_files": ["/home/me/data/pride.txt"]},
+            "block_finetune": {"enabled": True, "lr": 1e-4, "train": ["codebooks", "scales"]},
+            "true_sequential": True, "beam_size": 4, "offload_dir": None, "overrides": []}
+    settings = stage_settings({"aqlm": aqlm, "minivit": None, "vqc": {"n_wires": 8}})
+    assert settings == {
+        "aqlm": "calibrated on 16 windows x 512 tokens of pride.txt; `beam_size=4`, "
+                "`block_finetune=(enabled=True, lr=0.0001, train=[codebooks, scales])`, `true_sequential=True`",
+        "vqc": "`n_wires=8`"}
 
 
 def test_private_repo_needs_the_token(hub, hub_env, checkpoint):

@@ -89,6 +89,7 @@ def run_row(name: str, dense: str, quantized: str, out: Path, args, extra: list[
         "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.lr),
         "--lr_scheduler_type", "constant", "--adam_beta2", "0.95", "--weight_decay", "0",
         "--code_lr", str(args.code_lr), "--max_code_change_per_step", str(args.tau), "--beam_size", str(args.beam),
+        "--v_step_every", str(args.v_step_every),
         "--monotonicity_every", str(args.monotonicity_every), "--logging_steps", "1", "--save_strategy", "no",
         "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0", *extra,
     ]
@@ -126,7 +127,7 @@ def table(rows: dict[str, dict], quant_seconds: float | None, args) -> str:
         f"{os.cpu_count()} CPU cores, torch CPU). Quantization: {quantization}. Training: blocks of {args.block_size} tokens of "
         f"`{Path(args.train_file).name}`, batch {args.batch_size}, {args.max_steps} steps, KL to the dense model, "
         f"P-step AdamW lr {args.lr} (constant, betas (0.9, 0.95)); V-step code_lr {args.code_lr}, tau {args.tau}, "
-        f"beam {args.beam}. Perplexity: first {args.eval_windows} x {args.eval_seq_len} tokens of Persuasion "
+        f"beam {args.beam}, every {args.v_step_every} step(s). Perplexity: first {args.eval_windows} x {args.eval_seq_len} tokens of Persuasion "
         "(held out; exp(mean NLL) per window, riverone_hf.metrics.perplexity). Monotonicity: the held-out batch "
         f"loss every {args.monotonicity_every} steps, before/after the P-step and after the V-step.",
         "",
@@ -170,6 +171,7 @@ def main() -> None:
     parser.add_argument("--code-lr", type=float, default=5e-2)
     parser.add_argument("--tau", type=float, default=1e-2)
     parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--v-step-every", type=int, default=1, help="V-step every k steps, on their mean gradient")
     parser.add_argument("--monotonicity-every", type=int, default=5)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--eval-seq-len", type=int, default=512)
@@ -189,7 +191,7 @@ def main() -> None:
 
     try:  # the V-step flags, checked by the config itself before the quantization and the rows start
         PVTuningConfig(code_lr=args.code_lr, max_code_change_per_step=args.tau, beam_size=args.beam,
-                       delta_decay=args.delta_decay)
+                       delta_decay=args.delta_decay, v_step_every=args.v_step_every)
     except ValueError as error:
         parser.error(str(error))
     if args.quantized and not os.path.isfile(os.path.join(args.quantized, "config.json")):

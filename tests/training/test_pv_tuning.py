@@ -1,6 +1,7 @@
 """PV-Tuning: config errors, the V-step (at most tau of the code groups, aqlm layout), the loss going down,
 the plain Trainer machinery, save/reload in a fresh process, the CPU kernel following the trained parameters."""
 
+import copy
 import json
 import os
 import subprocess
@@ -58,6 +59,8 @@ def quantized_modules(model):
         ({"code_betas": (0.0, 1.0)}, "code_betas"),
         ({"delta_decay": -0.1}, "delta_decay"),
         ({"delta_decay": 1.5}, "delta_decay"),
+        ({"v_step_every": 0}, "v_step_every"),
+        ({"v_step_every": 1.5}, "v_step_every"),
         ({"modules_to_train": []}, "modules_to_train"),
         ({"modules_to_train": "("}, "modules_to_train"),
     ],
@@ -206,6 +209,68 @@ def test_proxy_follows_the_p_steps_change_of_the_weight_only_when_asked(pv_dirs,
     assert moved.abs().max() > 1e-3
 
 
+def test_v_step_every_k_steps_uses_their_mean_gradient_and_resumes_between_v_steps(pv_dirs):
+    """v_step_every=3: no V-step at steps 1-2, then one on the mean of the 3 gradients, equal to v_step_every=1 fed
+    that mean; an optimizer reloaded from the state dict after step 1 ends with the same codes and proxy."""
+    _, quantized = pv_dirs
+    gradients = [torch.randn(64, 64, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+
+    def optimizer_for(every):
+        model = get_pv_model(load(quantized), PVTuningConfig(code_lr=0.5, max_code_change_per_step=0.05,
+                                                             beam_size=2, v_step_every=every))
+        optimizer = PVOptimizer(torch.optim.AdamW([model.model.norm.weight], lr=0.0), model.pv_state)
+        name, module = next(iter(model.pv_state.modules.items()))
+        assert optimizer.proxies[name]["proxy"].shape == gradients[0].shape
+        return model, optimizer, name, module
+
+    def backward(model, name, grad):  # what the gradient hooks do: sum into the accumulator
+        held = model.pv_state.grads[name]
+        model.pv_state.grads[name] = grad.clone() if held is None else held + grad
+
+    model, optimizer, name, module = optimizer_for(3)
+    codes, proxy = module.codes.clone(), optimizer.proxies[name]["proxy"].clone()
+    for step, grad in enumerate(gradients[:2], start=1):
+        backward(model, name, grad)
+        optimizer.step()
+        assert optimizer.v_step_count == 0 and torch.equal(module.codes, codes)
+        assert torch.equal(optimizer.proxies[name]["proxy"], proxy)
+        if step == 1:
+            saved = copy.deepcopy(optimizer.state_dict())  # as torch.save would keep it
+            assert set(saved["v_step"]["pending_grads"]) == {name}
+    backward(model, name, gradients[2])
+    optimizer.step()
+    assert optimizer.v_step_count == 1 and not torch.equal(module.codes, codes)
+
+    reference, single, ref_name, ref_module = optimizer_for(1)
+    backward(reference, ref_name, sum(gradients) / 3)
+    single.step()
+    torch.testing.assert_close(optimizer.proxies[name]["proxy"], single.proxies[ref_name]["proxy"])
+    assert torch.equal(module.codes, ref_module.codes)
+
+    resumed_model, resumed, _, resumed_module = optimizer_for(3)
+    resumed.load_state_dict(saved)
+    for grad in gradients[1:]:
+        backward(resumed_model, name, grad)
+        resumed.step()
+    assert resumed.v_step_count == 1 and torch.equal(resumed_module.codes, module.codes)
+    torch.testing.assert_close(resumed.proxies[name]["proxy"], optimizer.proxies[name]["proxy"])
+
+
+def test_v_step_every_with_several_processes_needs_checkpoints_on_v_steps():
+    from types import SimpleNamespace
+
+    from riverone_hf.training.pv.trainer import _check_v_step_every_against_checkpoints
+
+    config = PVTuningConfig(v_step_every=4)
+    args = SimpleNamespace(world_size=2, save_strategy="steps", save_steps=6)
+    with pytest.raises(ValueError, match="v_step_every.*save_steps"):
+        _check_v_step_every_against_checkpoints(config, args)
+    for ok in (SimpleNamespace(world_size=2, save_strategy="steps", save_steps=8),
+               SimpleNamespace(world_size=2, save_strategy="no", save_steps=6),
+               SimpleNamespace(world_size=1, save_strategy="epoch", save_steps=6)):
+        _check_v_step_every_against_checkpoints(config, ok)
+
+
 @pytest.mark.parametrize("factor", [0.0, 0.5])
 def test_v_step_lr_follows_the_p_step_schedule(pv_dirs, factor):
     """A scheduler at `factor` x the initial lr scales the proxy's step by `factor` (0: the proxy stays put)."""
@@ -245,6 +310,16 @@ def test_loss_goes_down_and_monotonicity_is_logged(pv_dirs, tmp_path):
     assert len(logged) == 6
     summary = [entry for entry in trainer.state.log_history if "pv/p_step_lowered_fraction" in entry]
     assert summary and summary[-1]["pv/measured_steps"] == 6
+
+
+def test_with_v_step_every_only_steps_with_a_v_step_are_measured(pv_dirs, tmp_path):
+    dense, quantized = pv_dirs
+    model = get_pv_model(load(quantized), PVTuningConfig(code_lr=0.05, max_code_change_per_step=0.05, beam_size=2,
+                                                         v_step_every=2))
+    trainer = PVTrainer(model=model, teacher_model=load(dense), train_dataset=token_dataset(),
+                        args=pv_args(tmp_path, max_steps=4, learning_rate=3e-3))
+    trainer.train()
+    assert [r["step"] for r in trainer.monotonicity] == [2, 4] and trainer.pv_optimizer.v_step_count == 2
 
 
 # -- save / reload, kernels following the trained parameters ------------------------------------------------------

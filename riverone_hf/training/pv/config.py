@@ -40,6 +40,10 @@ class PVTuningConfig:
                 "weight (new codebooks/scales, same codes), so the proxy is the current weight plus the accumulated "
                 "straight-through updates. False (the official code): the proxy keeps the weight it started from, and "
                 "the re-encoding pulls codes back towards the codebooks and scales of before the P-steps."})
+    v_step_every: int = field(default=1, metadata={
+        "help": "V-step: run it on every k-th optimizer step (>= 1), on the mean of the weight gradients of the k "
+                "steps since the last one (the P-step runs every step): k times the tokens behind each re-encoding, "
+                "at no extra compute, since the gradients are computed for the P-step anyway."})
     beam_size: int = field(default=5, metadata={"help": "V-step: beam size of the re-encoding beam search (>= 1)."})
     max_chunk_bytes: int = field(default=16 * 2**20, metadata={
         "help": "V-step: memory bound (bytes) of one beam-search chunk; output groups are searched in chunks."})
@@ -68,6 +72,8 @@ class PVTuningConfig:
             raise ValueError(f"`max_code_change_per_step` (tau) must be in (0, 1], got {self.max_code_change_per_step}")
         if not 0.0 <= self.delta_decay <= 1.0:
             raise ValueError(f"`delta_decay` must be in [0, 1], got {self.delta_decay}")
+        if int(self.v_step_every) != self.v_step_every or self.v_step_every < 1:
+            raise ValueError(f"`v_step_every` must be an integer >= 1, got {self.v_step_every}")
         if int(self.beam_size) != self.beam_size or self.beam_size < 1:
             raise ValueError(f"`beam_size` must be an integer >= 1, got {self.beam_size}")
         if self.max_chunk_bytes < 1:
@@ -86,7 +92,7 @@ class PVTrainingArguments(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term (> 0)."})
     monotonicity_every: int = field(default=1, metadata={
         "help": "Every this many optimizer steps, log the loss on a fixed held-out batch before the P-step, after "
-                "it and after the V-step (0: never)."})
+                "it and after the V-step (0: never); with v_step_every > 1, only the steps that run a V-step."})
 
     def __post_init__(self):
         super().__post_init__()

@@ -27,6 +27,18 @@ def _vocab_size(model: nn.Module) -> int:
     return config.vocab_size
 
 
+def _check_v_step_every_against_checkpoints(config, args: PVTrainingArguments) -> None:
+    """With several processes, a checkpoint must fall on a V-step when `v_step_every` > 1: the gradients accumulated
+    since the last V-step are per process until it all-reduces them, and only the main process saves."""
+    k = config.v_step_every if config.v_step else 1
+    if k == 1 or args.world_size == 1 or args.save_strategy == "no":
+        return
+    if args.save_strategy != "steps" or args.save_steps % k:
+        raise ValueError(f"`v_step_every` ({k}) with {args.world_size} processes needs `save_strategy` 'steps' (or "
+                         f"'no') with `save_steps` a multiple of it, got save_strategy {str(args.save_strategy)!r}, "
+                         f"save_steps {args.save_steps}")
+
+
 class _MonotonicitySummary(TrainerCallback):
     def __init__(self, trainer: PVTrainer):
         self.trainer = trainer
@@ -54,6 +66,7 @@ class PVTrainer(Trainer):
                 f"`teacher_model` vocabulary ({_vocab_size(teacher_model)}) differs from the student's "
                 f"({_vocab_size(model)}): distil from the dense model the student was quantized from"
             )
+        _check_v_step_every_against_checkpoints(model.pv_state.config, args)
         super().__init__(model=model, args=args, **kwargs)
         self.teacher_model = None
         if teacher_model is not None:
@@ -150,8 +163,11 @@ class PVTrainer(Trainer):
     def _monitor(self, phase: str) -> None:
         every = self.args.monotonicity_every
         # global_step is incremented after the optimizer step: this is optimizer step global_step + 1
-        if not every or self._monitor_batch is None or (self.state.global_step + 1) % every:
+        step = self.state.global_step + 1
+        if not every or self._monitor_batch is None or step % every:
             return
+        if self.pv_optimizer.config.v_step and not self.pv_optimizer.v_step_due(step):
+            return  # with v_step_every > 1, only steps that run a V-step are measured
         self._pending[phase] = self.objective(self.model, self._monitor_batch)
         if phase == "after_v":
             record = {"step": self.state.global_step + 1, **{p: self._pending[p] for p in _PHASES}}

@@ -4,7 +4,8 @@ re-encoding of the code groups whose proxy moved furthest, by the engine's beam 
 Gradient of the loss with respect to a dequantized weight W = s ⊙ A(C): every AqlmLinear gets a forward hook
 that, when its output needs a gradient, registers a tensor hook adding grad_outᵀ · x (fp32) into the module's
 accumulator — the gradient `F.linear` would give its weight. Accumulators sum over micro-batches (gradient
-accumulation), are averaged across processes (all-reduce) at the step, and are cleared after it.
+accumulation, and over the optimizer steps between two V-steps with `v_step_every` > 1), are averaged across
+processes (all-reduce) at the V-step, and are cleared after it.
 
 `PVOptimizer` wraps the P-step optimizer (AdamW by default): `step()` = P-step on the continuous parameters,
 then V-step on the codes. It shares the inner optimizer's `param_groups` (so LR schedulers drive the P-step; the
@@ -159,6 +160,13 @@ class PVOptimizer(torch.optim.Optimizer):
                 }
         self.monitor: Callable[[str], None] | None = None  # called with "before", "after_p", "after_v"
         self.last_changed: dict[str, int] = {}
+        self.optimizer_steps = 0
+        # codebooks and scales as of the last V-step (`proxy_follows_p_step`), taken before the next P-step
+        self._since_v_step: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def v_step_due(self, optimizer_step: int) -> bool:
+        """Whether optimizer step `optimizer_step` (counted from 1) runs a V-step."""
+        return self.config.v_step and optimizer_step % self.config.v_step_every == 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.p_optimizer.zero_grad(set_to_none=set_to_none)
@@ -170,12 +178,15 @@ class PVOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.monitor is not None:
             self.monitor("before")
-        before_p_step = self._continuous_snapshot() if self.config.v_step and self.config.proxy_follows_p_step else None
+        if self.config.v_step and self.config.proxy_follows_p_step and self._since_v_step is None:
+            self._since_v_step = self._continuous_snapshot()
         self.p_optimizer.step()
+        self.optimizer_steps += 1
         if self.monitor is not None:
             self.monitor("after_p")
-        if self.config.v_step:
-            self.v_step(before_p_step)
+        if self.v_step_due(self.optimizer_steps):
+            self.v_step(self._since_v_step, accumulated_steps=self.config.v_step_every)
+            self._since_v_step = None
         if self.monitor is not None:
             self.monitor("after_v")
         return loss
@@ -194,10 +205,12 @@ class PVOptimizer(torch.optim.Optimizer):
                 for name, m in self.pv_state.modules.items()}
 
     @torch.no_grad()
-    def v_step(self, before_p_step: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, int]:
-        """Adam-like step of every proxy on its accumulated gradient, then re-encode the top-tau code groups (and,
-        with `delta_decay`, pull each proxy towards its new dequantized weight). `before_p_step` (codebooks and
-        scales per module, `proxy_follows_p_step`): each proxy first moves by the P-step's change of its weight."""
+    def v_step(self, before_p_step: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+               accumulated_steps: int = 1) -> dict[str, int]:
+        """Adam-like step of every proxy on its accumulated gradient (divided by `accumulated_steps`, the optimizer
+        steps it sums), then re-encode the top-tau code groups (and, with `delta_decay`, pull each proxy towards its
+        new dequantized weight). `before_p_step` (codebooks and scales per module as of the last V-step,
+        `proxy_follows_p_step`): each proxy first moves by the P-steps' change of its weight since then."""
         cfg = self.config
         self.v_step_count += 1
         t = self.v_step_count
@@ -213,7 +226,8 @@ class PVOptimizer(torch.optim.Optimizer):
                 continue
             if world > 1:
                 dist.all_reduce(grad)
-                grad.div_(world)
+            if world * accumulated_steps > 1:
+                grad.div_(world * accumulated_steps)
             state = self.proxies[name]
             current = whole_dequantized(module)
             if before_p_step is not None:
@@ -244,9 +258,14 @@ class PVOptimizer(torch.optim.Optimizer):
         return changed
 
     def state_dict(self):
+        """The P-step state and the V-step's: proxies and moments, counters, and (between V-steps, with
+        `v_step_every` > 1) the gradients accumulated so far and the codebooks/scales of the last V-step."""
         return {
             "p_step": self.p_optimizer.state_dict(),
-            "v_step": {"count": self.v_step_count, "proxies": {n: dict(s) for n, s in self.proxies.items()}},
+            "v_step": {"count": self.v_step_count, "proxies": {n: dict(s) for n, s in self.proxies.items()},
+                       "optimizer_steps": self.optimizer_steps,
+                       "pending_grads": {n: g for n, g in self.pv_state.grads.items() if g is not None},
+                       "since_v_step": self._since_v_step},
         }
 
     def load_state_dict(self, state_dict):
@@ -261,3 +280,8 @@ class PVOptimizer(torch.optim.Optimizer):
         for name, held in v_state["proxies"].items():
             for key, value in held.items():
                 self.proxies[name][key] = value.to(self.proxies[name][key].device, torch.float32).clone()
+        self.optimizer_steps = int(v_state.get("optimizer_steps", self.v_step_count))
+        self.pv_state.clear_grads()
+        for name, grad in (v_state.get("pending_grads") or {}).items():
+            self.pv_state.grads[name] = grad.to(self.proxies[name]["proxy"].device, torch.float32).clone()
+        self._since_v_step = v_state.get("since_v_step")

@@ -35,9 +35,8 @@ def demo_config() -> RiverOneConfig:
     """2x8 codebooks over groups of 8 inputs (~2 bits/weight), calibrated on the shipped Pride and Prejudice
     excerpt, with the engine's default settings. Scope: the MLP Linears of decoder layers 0-7
     (24 of the 210 decoder Linears, 21.2M of 106.2M weights): the whole decoder does not fit the demo's
-    10-minute budget on 2 CPU cores; `bench/aq_model.py` quantizes all of it. Block fine-tuning stays off:
-    measured on this scope it gives 45.2 instead of 48.5 but takes the demo to 9 min 22 s on a quiet 2-core
-    box, no margin under the budget (`BLOCK_FINETUNE_NOTE`, printed with the report)."""
+    10-minute budget on 2 CPU cores; `bench/aq_model.py` quantizes all of it. Block fine-tuning stays off for the
+    budget (why, with the measured figures: `BLOCK_FINETUNE_NOTE`, printed with the report)."""
     return RiverOneConfig(
         aqlm={
             "num_codebooks": 2,

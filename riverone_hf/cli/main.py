@@ -84,7 +84,7 @@ def _verify(args) -> None:
 def _demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(out=args.out, overwrite=args.overwrite)
+    run_demo(out=args.out, overwrite=args.overwrite, block_finetune=args.block_finetune)
 
 
 def _conversion(sub, name: str, func, help: str, src_help: str) -> None:
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="quantize SmolLM2-135M on shipped text and report size and perplexity")
     demo.add_argument("--out", default=None, help="also save the quantized model here")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    demo.add_argument("--block-finetune", action="store_true",
+                      help="also fine-tune each block (better perplexity; 9 min 22 s measured, near the budget)")
     demo.set_defaults(func=_demo)
     return parser
 

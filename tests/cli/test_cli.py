@@ -97,3 +97,15 @@ def test_missing_source_is_a_clear_error_before_work(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "no-such-model"), str(tmp_path / "q")]) == 2
     assert "neither a checkpoint folder" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_demo_block_finetune_flag_reaches_its_config(monkeypatch, flag):
+    """`riverone demo --block-finetune` runs the demo with `aqlm.block_finetune.enabled`; without it, off."""
+    from riverone_hf.cli import demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: seen.update(
+        enabled=demo.demo_config(kwargs["block_finetune"]).aqlm.block_finetune.enabled))
+    main(["demo", *(["--block-finetune"] if flag else [])])
+    assert seen == {"enabled": flag}

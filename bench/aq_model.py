@@ -6,7 +6,8 @@
 
 Rows (`--rows`, comma-separated): `calibrated` (block by block, XᵀX from each block's current inputs),
 `true-sequential` (+ `aqlm.true_sequential`), `finetune` (+ `aqlm.block_finetune`, `--ft-*` settings),
-`both`. Each AQLM row runs in a child process of its own, so its wall time and peak RSS are its own.
+`both`, `finetune-model` (block fine-tuning towards the dense model's activations, `targets="model"`).
+Each AQLM row runs in a child process of its own, so its wall time and peak RSS are its own.
 `--layers N` quantizes only the Linears of decoder layers 0..N-1 (a reduced scope, for a loaded machine).
 `--save DIR` keeps each row's quantized model in DIR/<row> (`bench/pv_tuning.py --quantized` starts from it).
 
@@ -50,11 +51,12 @@ sys.path.insert(0, str(REPO / "bench"))
 from aq_engine import load_average, machine, rtn_dequantized, wait_for_quiet  # noqa: E402
 
 DECODER_LINEAR = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-ROWS = {  # row name -> (true_sequential, block fine-tuning)
-    "calibrated": (False, False),
-    "true-sequential": (True, False),
-    "finetune": (False, True),
-    "both": (True, True),
+ROWS = {  # row name -> (true_sequential, block fine-tuning, its targets)
+    "calibrated": (False, False, "block"),
+    "true-sequential": (True, False, "block"),
+    "finetune": (False, True, "block"),
+    "both": (True, True, "block"),
+    "finetune-model": (False, True, "model"),
 }
 
 
@@ -138,7 +140,7 @@ def build_config(args: argparse.Namespace, row: str):
     from riverone_hf import RiverOneConfig
     from riverone_hf.cli.demo_assets import shipped_text_path
 
-    true_sequential, finetune = ROWS[row]
+    true_sequential, finetune, targets = ROWS[row]
     engine = given(beam_size=args.beam_size, max_epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
                    kmeans_iters=args.kmeans_iters, relative_tolerance=args.relative_tolerance)
     tuning = given(lr=args.ft_lr, max_epochs=args.ft_epochs, batch_size=args.ft_batch_size,
@@ -151,7 +153,7 @@ def build_config(args: argparse.Namespace, row: str):
             "target_modules": decoder_linears(args.layers),
             **engine,
             "true_sequential": true_sequential,
-            "block_finetune": {"enabled": finetune, **tuning},
+            "block_finetune": {"enabled": finetune, "targets": targets, **tuning},
             "calibration": {
                 "text_files": [str(shipped_text_path("calibration"))],
                 "num_samples": args.calib_samples,
@@ -223,7 +225,7 @@ def main() -> None:
           f"(tolerance {spec.relative_tolerance}), {spec.codebook_optimizer} {spec.steps_per_epoch} steps, "
           f"k-means <= {spec.kmeans_iters} iterations; calibration {args.calib_samples} x {args.calib_seq_len} "
           "tokens of Pride and Prejudice (shipped)")
-    print(f"block fine-tuning (rows finetune/both): Adam lr {tune.lr}, <= {tune.max_epochs} epochs, batch "
+    print(f"block fine-tuning (rows finetune/both/finetune-model): Adam lr {tune.lr}, <= {tune.max_epochs} epochs, batch "
           f"{tune.batch_size} windows, tolerance {tune.relative_tolerance}, held-out {tune.held_out_fraction}, "
           f"trains {tune.train}, activations {tune.activation_dtype}")
     eval_text = read_shipped_text("evaluation")

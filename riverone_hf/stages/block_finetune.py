@@ -1,7 +1,8 @@
 """Block fine-tuning (AQLM, Egiazarian et al. 2024, Alg. 1): after every Linear of a transformer block is
 quantized, Adam fits the block's continuous parameters (codebooks, scales, norms, biases; never the codes)
 so that the quantized block's output matches the DENSE block's output on the same inputs (which come from
-the already-quantized blocks before it). A held-out split of the calibration windows stops it early.
+the already-quantized blocks before it), or, with `targets="model"`, the dense model's own activation there.
+A held-out split of the calibration windows stops it early.
 
 Also the storage of the per-window block inputs and dense targets (`ActivationStore`): RAM in a chosen
 dtype (float16 by default: half of fp32), or safetensors files in a directory (`offload_dir`).
@@ -26,6 +27,7 @@ from ..validation import require, require_bool, require_int, require_number
 logger = logging.getLogger(__name__)
 
 PARAMETER_KINDS = ("codebooks", "scales", "norms", "biases")
+TARGET_KINDS = ("block", "model")
 ACTIVATION_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -53,6 +55,11 @@ class BlockFinetuneSpec:
         offload_dir (`str`, optional): keep those inputs and targets as safetensors files in a temporary
             directory under this path instead of RAM (deleted afterwards).
         seed (`int`, defaults to 0): seed of the held-out split and of the window order.
+        targets (`str`, defaults to "block"): what the quantized block is fitted to: "block", the dense block's
+            output on the block's current inputs (AQLM's Alg. 1: each block undoes its own error only); or
+            "model", the dense MODEL's activation at the block's output (dense inputs through dense blocks), so
+            each block also corrects the error the quantized blocks before it left; it keeps one more
+            copy of the activations, the dense stream's (its outputs are the targets and its next inputs).
     """
 
     enabled: bool = field(default=False, metadata={"help": "Fine-tune each quantized block to the dense outputs."})
@@ -76,6 +83,9 @@ class BlockFinetuneSpec:
         default=None, metadata={"help": "Store block inputs/targets as files under this directory instead of RAM."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the held-out split and window order, >= 0."})
+    targets: str = field(
+        default="block", metadata={"help": f"Fit to the dense block's outputs or the dense model's: {list(TARGET_KINDS)}."}
+    )
 
     def __post_init__(self):
         where = "block_finetune"
@@ -99,6 +109,10 @@ class BlockFinetuneSpec:
             f"`{where}.offload_dir` must be a directory path or None, got {self.offload_dir!r}",
         )
         require_int(f"{where}.seed", self.seed, 0, 2**63 - 1)
+        require(
+            isinstance(self.targets, str) and self.targets in TARGET_KINDS,
+            f"`{where}.targets` must be one of {list(TARGET_KINDS)}, got {self.targets!r}",
+        )
 
 
 class ActivationStore:
@@ -202,7 +216,8 @@ def finetune_block(
         block: the quantized block (its `AqlmLinear`s' codes stay as they are).
         num_windows: number of calibration windows.
         forward: i -> the block's output on window i (run with the gradient enabled).
-        target: i -> the dense block's output on window i (any dtype; compared in the output's).
+        target: i -> the dense output to match on window i (see `BlockFinetuneSpec.targets`; any dtype,
+            compared in the output's).
         spec: the settings.
         name: the block's name for logs.
     """

@@ -16,6 +16,9 @@ Two options (the AQLM paper's Alg. 1):
     them (`block_finetune.finetune_block`), and its relative output error before and after is logged,
     with a per-block summary at the end. While it is on, the per-window block inputs and targets are
     kept in `finetune.activation_dtype` (float16 by default), or in files under `finetune.offload_dir`.
+    With `finetune.targets == "model"` a second stream of activations runs the calibration windows through
+    the dense blocks (each block's dense pass happens before it is quantized), and each quantized block is
+    fitted to that stream's output instead: the dense model's activation at that depth.
 
 Several processes (`torchrun`, `accelerate launch` with real ranks: `torch.distributed` initialised): every
 rank runs the same block passes on the same windows; the Linears of each group are dealt to the ranks by
@@ -240,10 +243,18 @@ def quantize_sequentially(
         hidden.append(_hidden_of(args, kwargs))
     contexts = [_with_hidden(args, kwargs, None) for args, kwargs in contexts]  # the rest of each call
 
-    def run(block: nn.Module, i: int) -> torch.Tensor:
+    # with `targets="model"`, the dense model's own activations, carried through the still-dense blocks
+    dense_hidden = None
+    if finetune is not None and finetune.targets == "model":
+        dense_hidden = ActivationStore(name="dense-inputs", **storage)
+        for i in range(len(hidden)):
+            dense_hidden.append(hidden[i])
+
+    def run(block: nn.Module, i: int, inputs: ActivationStore | None = None) -> torch.Tensor:
+        """The block's output on window i, from `inputs` (default: the quantized stream's current inputs)."""
         dtype = _block_dtype(block)
         args, kwargs = contexts[i]
-        args, kwargs = _with_hidden(args, kwargs, hidden[i].to(dtype))
+        args, kwargs = _with_hidden(args, kwargs, (hidden if inputs is None else inputs)[i].to(dtype))
         if storage:  # inputs stored in another dtype, or a half block trained in float32
             args, kwargs = _cast_floats(args, dtype), _cast_floats(kwargs, dtype)
         return _run_block(block, args, kwargs)
@@ -252,9 +263,15 @@ def quantize_sequentially(
     try:
         for index in tqdm(range(last + 1), desc=f"{stage} (calibrated blocks)", unit="block"):
             block = blocks[index]
+            if dense_hidden is not None:
+                dense_outputs = ActivationStore(name="dense-outputs", **storage)  # the block is still dense here
+                for i in range(len(contexts)):
+                    dense_outputs.append(run(block, i, dense_hidden))
+                dense_hidden.close()
+                dense_hidden = dense_outputs
             if by_block[index]:
                 results.update(_quantize_block(model, block, index, by_block[index], len(contexts), run, quantize,
-                                               stage, true_sequential, finetune, storage, skeleton))
+                                               stage, true_sequential, finetune, storage, skeleton, dense_hidden))
             if index < last:  # blocks after the last quantized one need no inputs
                 following = ActivationStore(name="inputs", **storage)
                 for i in range(len(contexts)):
@@ -263,6 +280,8 @@ def quantize_sequentially(
                 hidden = following
     finally:
         hidden.close()
+        if dense_hidden is not None:
+            dense_hidden.close()
 
     _quantize_names(model, {name: outside_xtx[name] for name in outside}, quantize, skeleton)
     if results:
@@ -274,9 +293,10 @@ def quantize_sequentially(
 
 
 def _quantize_block(model, block, index, names, num_windows, run, quantize, stage, true_sequential, finetune,
-                    storage, skeleton) -> dict[int, FinetuneResult]:
+                    storage, skeleton, model_targets=None) -> dict[int, FinetuneResult]:
     """Quantize the planned Linears `names` of one block (group by group with `true_sequential`), then
-    fine-tune it when `finetune` is given."""
+    fine-tune it when `finetune` is given, towards `model_targets` (the dense model's activations at the
+    block's output) when given, else towards the dense block's outputs on its current inputs."""
     modules = {n: model.get_submodule(n) for n in names}
     if true_sequential:
         with torch.no_grad():
@@ -285,13 +305,14 @@ def _quantize_block(model, block, index, names, num_windows, run, quantize, stag
                     [[n.rsplit(".", 1)[-1] for n in g] for g in groups])
     else:
         groups = [names]
-    targets = None if finetune is None else ActivationStore(name="targets", **storage)
+    own_targets = finetune is not None and model_targets is None
+    targets = ActivationStore(name="targets", **storage) if own_targets else model_targets
     try:
         for position, group in enumerate(groups):
             with collect_xtx({n: model.get_submodule(n) for n in group}) as accumulators:
                 for i in range(num_windows):
                     output = run(block, i)
-                    if targets is not None and position == 0:  # the block is still dense in the first pass
+                    if own_targets and position == 0:  # the block is still dense in the first pass
                         targets.append(output)
             for name in group:
                 logger.info("%s: %s with XᵀX from %d rows", stage, name, accumulators[name].rows)
@@ -310,6 +331,6 @@ def _quantize_block(model, block, index, names, num_windows, run, quantize, stag
                     stage, index, result.error_before, result.error_after, result.epochs)
         return {index: result}
     finally:
-        if targets is not None:
+        if own_targets:
             targets.close()
 

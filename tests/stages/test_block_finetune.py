@@ -93,6 +93,34 @@ def test_finetuned_block_error_measured_against_the_dense_block():
     assert num / den == pytest.approx(results[0].error_after, rel=1e-4)
 
 
+def _layer_outputs(model, layer, windows):
+    """Output of decoder layer `layer` of `model` on each window, in float64."""
+    outputs = []
+    hook = model.model.layers[layer].register_forward_hook(
+        lambda m, a, out: outputs.append((out[0] if isinstance(out, tuple) else out).double()))
+    with torch.no_grad():
+        for window in windows:
+            model(input_ids=window[None], use_cache=False)
+    hook.remove()
+    return outputs
+
+
+def test_model_targets_fit_each_block_to_the_dense_models_activations():
+    """With `targets="model"` the held-out error of block 1 is against the DENSE model's layer-1 output (dense
+    inputs through dense blocks), not the dense block on the quantized block 0's outputs; block 0, whose inputs
+    are the same in both streams, is fine-tuned exactly as with `targets="block"`."""
+    dense, model, by_block = tiny_qwen3(), tiny_qwen3(), tiny_qwen3()
+    settings = dict(lr=1e-2, max_epochs=3, relative_tolerance=0.0, held_out_fraction=0.25, activation_dtype="float32")
+    _, results = quantize(model, r"model\.layers\.[01]\..*_proj", targets="model", **settings)
+    _, block_results = quantize(by_block, r"model\.layers\.[01]\..*_proj", targets="block", **settings)
+    _, held = split_windows(len(WINDOWS), 0.25, 0)
+    ref, out = _layer_outputs(dense, 1, WINDOWS[held]), _layer_outputs(model, 1, WINDOWS[held])
+    error = sum((o - r).square().sum().item() for o, r in zip(out, ref)) / sum(r.square().sum().item() for r in ref)
+    assert error == pytest.approx(results[1].error_after, rel=1e-4)
+    assert results[0] == block_results[0]
+    assert results[1].error_before != block_results[1].error_before
+
+
 def test_early_stop_on_the_held_out_windows_keeps_the_best_parameters():
     model = tiny_qwen3()
     recorder, results = quantize(model, lr=1.0, max_epochs=20, relative_tolerance=0.0)  # far too large a step
@@ -228,13 +256,14 @@ def test_spec_round_trips_through_config_json():
         ({"block_finetune": {"train": ["codes"]}}, r"block_finetune\.train"),
         ({"block_finetune": {"train": []}}, r"block_finetune\.train"),
         ({"block_finetune": {"activation_dtype": "int8"}}, r"block_finetune\.activation_dtype"),
+        ({"block_finetune": {"targets": "layer"}}, r"block_finetune\.targets"),
         ({"block_finetune": {"epochs": 3}}, r"`block_finetune` has unknown field"),
         ({"block_finetune": 3}, r"`block_finetune` must be a dict"),
         ({"true_sequential": 1}, r"`true_sequential`"),
         ({"true_sequential": True, "calibration": None}, r"`true_sequential` needs `calibration`"),
         ({"block_finetune": {"enabled": True}, "calibration": None}, r"`block_finetune\.enabled` needs `calibration`"),
     ],
-    ids=["enabled", "epochs", "lr", "batch", "tolerance", "held-out", "kind", "no-kind", "dtype", "unknown",
+    ids=["enabled", "epochs", "lr", "batch", "tolerance", "held-out", "kind", "no-kind", "dtype", "targets", "unknown",
          "not-dict", "true-seq-type", "true-seq-no-calib", "finetune-no-calib"],
 )
 def test_invalid_fields_raise_naming_the_field(fields, match):

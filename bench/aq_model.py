@@ -100,6 +100,16 @@ def aqlm_bits(model) -> tuple[float, int]:
     return bits / weights, weights
 
 
+def held_out_perplexity(model, tokenizer, args: argparse.Namespace) -> float:
+    """Perplexity on the first `args.eval_windows` x `args.eval_seq_len` tokens of the shipped held-out text
+    (Persuasion), as every table of this bench and of `bench/aq_sensitivity.py` reports it."""
+    from riverone_hf.cli.demo_assets import read_shipped_text
+    from riverone_hf.metrics.perplexity import perplexity
+
+    return perplexity(model, tokenizer, read_shipped_text("evaluation"), seq_len=args.eval_seq_len,
+                      max_windows=args.eval_windows, batch_size=4, show_progress=False)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -169,8 +179,7 @@ def run_row(args: argparse.Namespace, row: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     import riverone_hf  # noqa: F401  (registers the "riverone" quantization method)
-    from riverone_hf.cli.demo_assets import load_smollm2, read_shipped_text
-    from riverone_hf.metrics.perplexity import perplexity
+    from riverone_hf.cli.demo_assets import load_smollm2
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -191,8 +200,7 @@ def run_row(args: argparse.Namespace, row: str) -> dict:
         quantized.save_pretrained(Path(args.save) / row)
         tokenizer.save_pretrained(Path(args.save) / row)
     bits, weights = aqlm_bits(quantized)
-    ppl = perplexity(quantized, tokenizer, read_shipped_text("evaluation"), seq_len=args.eval_seq_len,
-                     max_windows=args.eval_windows, batch_size=4, show_progress=False)
+    ppl = held_out_perplexity(quantized, tokenizer, args)
     return {
         "row": row, "perplexity": ppl, "bits": bits, "weights": weights, "seconds": seconds, "cpu": cpu,
         "matrices": len(times.lines), "engine_seconds": sum(_seconds(line) for line in times.lines),
@@ -210,8 +218,7 @@ def main() -> None:
 
     import torch
 
-    from riverone_hf.cli.demo_assets import load_smollm2, read_shipped_text
-    from riverone_hf.metrics.perplexity import perplexity
+    from riverone_hf.cli.demo_assets import load_smollm2
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -228,15 +235,10 @@ def main() -> None:
     print(f"block fine-tuning (rows finetune/both/finetune-model): Adam lr {tune.lr}, <= {tune.max_epochs} epochs, batch "
           f"{tune.batch_size} windows, tolerance {tune.relative_tolerance}, held-out {tune.held_out_fraction}, "
           f"trains {tune.train}, activations {tune.activation_dtype}")
-    eval_text = read_shipped_text("evaluation")
-
-    def ppl(model) -> float:
-        return perplexity(model, tokenizer, eval_text, seq_len=args.eval_seq_len, max_windows=args.eval_windows,
-                          batch_size=4, show_progress=False)
 
     dense, tokenizer = load_smollm2(torch.float32)
     started = time.perf_counter()
-    ppl_dense = ppl(dense)
+    ppl_dense = held_out_perplexity(dense, tokenizer, args)
     eval_seconds = time.perf_counter() - started
     print(f"dense perplexity {ppl_dense:.3f} ({eval_seconds:.1f} s per evaluation)", flush=True)
 
@@ -265,7 +267,7 @@ def main() -> None:
             linear = dense.get_submodule(name)
             linear.weight.copy_(rtn_dequantized(linear.weight.float(), args.rtn_group))
             rtn_weights += linear.weight.numel()
-    ppl_rtn = ppl(dense)
+    ppl_rtn = held_out_perplexity(dense, tokenizer, args)
     rtn_bits = 2 + 2 * 16 / args.rtn_group
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

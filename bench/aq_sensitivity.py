@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from aq_engine import machine  # noqa: E402
-from aq_model import aqlm_bits  # noqa: E402
+from aq_model import aqlm_bits, held_out_perplexity  # noqa: E402
 
 PROJECTIONS = {
     "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -101,23 +101,18 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import riverone_hf  # noqa: F401  (registers the "riverone" quantization method)
-    from riverone_hf.cli.demo_assets import load_smollm2, read_shipped_text
-    from riverone_hf.metrics.perplexity import perplexity
+    from riverone_hf.cli.demo_assets import load_smollm2
 
     torch.set_num_threads(args.threads)
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} (CPU), python {info['python']}, "
           f"torch threads {args.threads}; date {time.strftime('%Y-%m-%d')}; quantized model {args.quantized}")
-    eval_text = read_shipped_text("evaluation")
-
-    def ppl(model) -> float:
-        return perplexity(model, tokenizer, eval_text, seq_len=args.eval_seq_len, max_windows=args.eval_windows,
-                          batch_size=4, show_progress=False)
 
     dense, tokenizer = load_smollm2(torch.float32)
     quantized = AutoModelForCausalLM.from_pretrained(args.quantized, dtype=torch.float32).eval()
     bits, total = aqlm_bits(quantized)
-    ppl_dense, ppl_quantized = ppl(dense), ppl(quantized)
+    ppl_dense = held_out_perplexity(dense, tokenizer, args)
+    ppl_quantized = held_out_perplexity(quantized, tokenizer, args)
     print(f"dense {ppl_dense:.3f}, quantized {ppl_quantized:.3f} ({bits:.3f} bits/weight over {total:,d} weights)",
           flush=True)
 
@@ -130,7 +125,7 @@ def main() -> None:
         if not names:
             raise SystemExit(f"group {group!r} matches no AqlmLinear of {args.quantized}")
         mixed_bits = (bits * total - restored_bits + 16 * weights) / total
-        value = ppl(model)
+        value = held_out_perplexity(model, tokenizer, args)
         closed = (ppl_quantized - value) / (ppl_quantized - ppl_dense)
         print(f"| `{group}` | {len(names)} | {weights:,d} ({weights / total:.1%}) | {mixed_bits:.3f} | {value:.3f} "
               f"| {closed:.0%} |", flush=True)
